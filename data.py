@@ -1,0 +1,629 @@
+"""Datasets, few-shot splits, templates, transforms and loaders shared by every method.
+
+Everything that must be identical across methods for a fair comparison lives here
+(REFERENCE.md sections 4, 5, 7, 8):
+
+* Readers for the 11 base-to-novel datasets, the 4 ImageNet variants and 3 tiny demo datasets, in
+  CoOp's on-disk layout under one data root. Labels and class names come from the split files (or
+  folders); class names keep their raw spelling (underscores included) and are cleaned only when a
+  prompt is built (`clean_classname`).
+* `few_shot`: CoOp's draw. Per label, in order of first appearance, `random.sample(items, shots)` (all
+  items when fewer, which consumes no randomness), then the val draw with min(shots, 4) shots continuing
+  the same stream. It uses a private `random.Random(seed)`, whose stream is exactly that of
+  `random.seed(seed)` followed by module-level `random.sample`, so the draw does not disturb (or depend
+  on) the caller's global RNG and a cache hit leaves the process in the same state as a miss.
+* `subsample_classes` / `base_to_novel`: sorted train labels, base = first ceil(n/2), relabelled 0..k-1.
+* Per-dataset templates (three columns of section 7) and the 80 CLIP ImageNet templates.
+* Section-5 transforms, DataLoaders and `ImageCache`, a decoded-image cache for few-shot training sets.
+
+Decisions where the protocol leaves room:
+* ImageNet-A/-R: the 200 wnid folders are relabelled 0..199 in sorted-wnid order (as CoOp does) and
+  named from ImageNet's `classnames.txt`, which must be present in the variant's folder. Evaluation
+  builds prompts from the variant's own 200 names, so logits are 200-way.
+* ImageNet-V2: folder i is ImageNet label i, named by the i-th wnid of `classnames.txt` in sorted order
+  (the same order that gives ImageNet's labels).
+* Folder-based readers sort image file names. CoOp used unsorted `os.listdir` for ImageNet, so its
+  ImageNet draws depend on the filesystem; sorting makes ours identical on every machine. Hidden files
+  are skipped and, at the class-folder level, plain files such as ImageNet-A's README.txt are ignored.
+* ImageNet has no val split: val = test, so its few-shot val draw samples from the test list.
+* Every real dataset must have its published number of classes; a different count means an incomplete
+  download or a wrong split file and is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+HINT = "see README.md section 'Datasets'"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "calibrated-prompts", "splits")
+COLUMNS = ("coop", "kgcoop", "prograd")
+
+
+class DatasetError(RuntimeError):
+    """A dataset folder, split file or image is missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Datum:
+    impath: str  # absolute
+    label: int
+    classname: str
+
+
+@dataclass
+class DatasetSplits:
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    classnames: list[str]  # classnames[label]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    key: str  # CLI name
+    name: str  # CoOp's name; split-file datasets read split_zhou_<name>.json
+    folder: str  # under the data root
+    images: str  # image folder inside `folder` ("" = the folder itself)
+    layout: str  # reader: split | aircraft | imagenet | wnid | numbered
+    n_classes: int | None = None  # published class count (None: whatever the split file says)
+    templates: tuple[str, str, str] = ("a photo of a {}.",) * 3  # columns CoOp, KgCoOp, ProGrad
+
+    @property
+    def split_file(self) -> str:
+        return f"split_zhou_{self.name}.json"
+
+
+def _same(t: str) -> tuple[str, str, str]:
+    return (t, t, t)
+
+
+_INFOS = [
+    DatasetInfo("imagenet", "ImageNet", "imagenet", "images", "imagenet", 1000),
+    DatasetInfo("caltech101", "Caltech101", "caltech-101", "101_ObjectCategories", "split", 100),
+    DatasetInfo("oxford_pets", "OxfordPets", "oxford_pets", "images", "split", 37,
+                ("a photo of a {}, a type of pet.",) * 2 + ("a type of pet, a photo of a {}.",)),
+    DatasetInfo("stanford_cars", "StanfordCars", "stanford_cars", "", "split", 196),
+    DatasetInfo("oxford_flowers", "OxfordFlowers", "oxford_flowers", "jpg", "split", 102,
+                ("a photo of a {}, a type of flower.",) * 2 + ("a type of flower, a photo of a {}.",)),
+    DatasetInfo("food101", "Food101", "food-101", "images", "split", 101,
+                ("a photo of {}, a type of food.",) * 2 + ("a type of food, a photo of {}.",)),
+    DatasetInfo("fgvc_aircraft", "FGVCAircraft", "fgvc_aircraft", "images", "aircraft", 100,
+                ("a photo of a {}, a type of aircraft.",) * 2 + ("a type of aircraft, a photo of a {}.",)),
+    DatasetInfo("sun397", "SUN397", "sun397", "SUN397", "split", 397),
+    DatasetInfo("dtd", "DescribableTextures", "dtd", "images", "split", 47,
+                ("{} texture.", "a photo of a {}, a type of texture.", "a texture of {}.")),
+    DatasetInfo("eurosat", "EuroSAT", "eurosat", "2750", "split", 10,
+                _same("a centered satellite photo of {}.")),
+    DatasetInfo("ucf101", "UCF101", "ucf101", "UCF-101-midframes", "split", 101,
+                _same("a photo of a person doing {}.")),
+    DatasetInfo("imagenetv2", "ImageNetV2", "imagenetv2",
+                "imagenetv2-matched-frequency-format-val", "numbered", 1000),
+    DatasetInfo("imagenet_sketch", "ImageNetSketch", "imagenet-sketch", "images", "wnid", 1000),
+    DatasetInfo("imagenet_a", "ImageNetA", "imagenet-adversarial", "imagenet-a", "wnid", 200),
+    DatasetInfo("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r", "wnid", 200),
+    DatasetInfo("demo_shapes", "DemoShapes", "demo_shapes", "images", "split"),
+    DatasetInfo("demo_colours", "DemoColours", "demo_colours", "images", "split"),
+    DatasetInfo("demo_patterns", "DemoPatterns", "demo_patterns", "images", "split"),
+]
+DATASETS: dict[str, DatasetInfo] = {info.key: info for info in _INFOS}
+BASE_TO_NOVEL = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                 "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
+XD_TARGETS = BASE_TO_NOVEL[1:]
+DG_TARGETS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+DEMO_DATASETS = ["demo_shapes", "demo_colours", "demo_patterns"]
+
+# The 80 prompt templates of the CLIP paper's ImageNet ensemble (PromptSRC's w_ens, DAC's copy).
+IMAGENET_TEMPLATES: list[str] = [
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
+    "a photo of the hard to see {}.", "a low resolution photo of the {}.", "a rendering of a {}.",
+    "graffiti of a {}.", "a bad photo of the {}.", "a cropped photo of the {}.", "a tattoo of a {}.",
+    "the embroidered {}.", "a photo of a hard to see {}.", "a bright photo of a {}.",
+    "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.",
+    "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.", "a close-up photo of a {}.",
+    "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a plastic {}.", "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
+    "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.",
+    "a photo of a nice {}.", "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.",
+    "art of a {}.", "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.",
+    "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.",
+    "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.",
+    "a photo of a small {}.", "a tattoo of the {}.",
+]
+
+
+def dataset_info(key: str) -> DatasetInfo:
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {key!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _require(path: str, kind: str, what: str) -> str:
+    ok = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
+    if not ok:
+        raise DatasetError(f"{what} not found: expected {'folder' if kind == 'dir' else 'file'} "
+                           f"{path}; {HINT}")
+    return path
+
+
+def _visible(names: Iterable[str]) -> list[str]:
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _class_dirs(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        return _visible(e.name for e in it if e.is_dir())
+
+
+def _folder_items(image_dir: str, folders: Sequence[str], classnames: Sequence[str]) -> list[Datum]:
+    """Label i = every visible file of folders[i], in sorted name order."""
+    items = []
+    for label, folder in enumerate(folders):
+        path = os.path.join(image_dir, folder)
+        names = _visible(os.listdir(path))
+        if not names:
+            raise DatasetError(f"class folder {path} has no images; {HINT}")
+        items += [Datum(os.path.join(path, n), label, classnames[label]) for n in names]
+    return items
+
+
+def _check_images_exist(items: Iterable[Datum], source: str) -> None:
+    """One listdir per folder instead of one stat per image (fast on network filesystems)."""
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for d in items:
+        by_dir[os.path.dirname(d.impath)].append(d.impath)
+    missing = []
+    for folder, paths in by_dir.items():
+        try:
+            present = set(os.listdir(folder))
+        except OSError:
+            present = set()
+        missing += [p for p in paths if os.path.basename(p) not in present]
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) listed in {source} are missing, e.g. expected "
+                           f"{missing[0]}" + (f" and {missing[1]}" if len(missing) > 1 else "")
+                           + f"; {HINT}")
+
+
+def _class_table(items: Iterable[Datum], source: str) -> list[str]:
+    """classnames[label], rejecting a label with two names, a name with two labels, and labels
+    outside 0..n-1 (n = number of distinct labels, so a gap is also caught)."""
+    names: dict[int, str] = {}
+    labels_of: dict[str, int] = {}
+    for d in items:
+        if names.setdefault(d.label, d.classname) != d.classname:
+            raise DatasetError(f"{source}: label {d.label} has two class names, "
+                               f"{names[d.label]!r} and {d.classname!r}")
+        if labels_of.setdefault(d.classname, d.label) != d.label:
+            raise DatasetError(f"{source}: class {d.classname!r} has two labels, "
+                               f"{labels_of[d.classname]} and {d.label}")
+    n = len(names)
+    bad = sorted(label for label in names if not 0 <= label < n)
+    if bad:
+        raise DatasetError(f"{source}: labels {bad[:5]} out of range 0..{n - 1} "
+                           f"({n} classes; labels must be 0..n-1 without gaps)")
+    return [names[i] for i in range(n)]
+
+
+def _read_split(info: DatasetInfo, folder: str) -> DatasetSplits:
+    """CoOp's split file: {"train"|"val"|"test": [[path relative to the image folder, label, name]]}."""
+    path = _require(os.path.join(folder, info.split_file), "file", f"{info.name} split file")
+    image_dir = _require(os.path.join(folder, info.images), "dir", f"{info.name} image folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read split file {path}: {e}; {HINT}") from e
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(s), list) for s in ("train", "val", "test")):
+        raise DatasetError(f"split file {path} must be a JSON object with lists 'train', 'val', 'test'")
+    splits = {}
+    for split in ("train", "val", "test"):
+        items = []
+        for i, e in enumerate(raw[split]):
+            if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and e[0]
+                    and not os.path.isabs(e[0]) and type(e[1]) is int and isinstance(e[2], str)):
+                raise DatasetError(f"split file {path}: {split}[{i}] = {e!r} is not "
+                                   "[relative image path, integer label, class name]")
+            items.append(Datum(os.path.join(image_dir, e[0]), e[1], e[2]))
+        splits[split] = items
+    everything = splits["train"] + splits["val"] + splits["test"]
+    classnames = _class_table(everything, f"split file {path}")
+    _check_images_exist(everything, f"split file {path}")
+    return DatasetSplits(splits["train"], splits["val"], splits["test"], classnames)
+
+
+def _read_aircraft(info: DatasetInfo, folder: str) -> DatasetSplits:
+    """variants.txt (one class per line, label = line order) and images_variant_<split>.txt
+    ("<image id> <variant name, may contain spaces>"), images at images/<id>.jpg."""
+    variants_path = _require(os.path.join(folder, "variants.txt"), "file", "FGVCAircraft variants.txt")
+    with open(variants_path, encoding="utf-8") as f:
+        classnames = [line.strip() for line in f if line.strip()]
+    label_of = {name: i for i, name in enumerate(classnames)}
+    if len(label_of) != len(classnames):
+        raise DatasetError(f"{variants_path} lists a variant twice")
+    image_dir = _require(os.path.join(folder, info.images), "dir", "FGVCAircraft image folder")
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = _require(os.path.join(folder, f"images_variant_{split}.txt"), "file",
+                        f"FGVCAircraft {split} list")
+        items = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                image_id, _, name = line.strip().partition(" ")
+                if not image_id:
+                    continue  # blank line
+                if name not in label_of:
+                    raise DatasetError(f"{path} line {lineno}: variant {name!r} is not in {variants_path}")
+                items.append(Datum(os.path.join(image_dir, image_id + ".jpg"), label_of[name], name))
+        splits[split] = items
+    _check_images_exist(splits["train"] + splits["val"] + splits["test"], f"{folder}/images_variant_*.txt")
+    return DatasetSplits(splits["train"], splits["val"], splits["test"], classnames)
+
+
+def _read_classnames_txt(folder: str) -> dict[str, str]:
+    """classnames.txt: "<wnid> <class name>" per line -> {wnid: name} (file order)."""
+    path = _require(os.path.join(folder, "classnames.txt"), "file", "ImageNet classnames.txt")
+    names: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            wnid, _, name = line.strip().partition(" ")
+            if not name.strip() or wnid in names:
+                raise DatasetError(f"{path} line {lineno}: expected a new '<wnid> <class name>', "
+                                   f"got {line.strip()!r}")
+            names[wnid] = name.strip()
+    return names
+
+
+def _known_wnids(wnids: Sequence[str], names: dict[str, str], where: str, folder: str) -> None:
+    unknown = [w for w in wnids if w not in names]
+    if unknown:
+        raise DatasetError(f"class folders {unknown[:3]} under {where} are not in "
+                           f"{os.path.join(folder, 'classnames.txt')}")
+
+
+def _read_imagenet(info: DatasetInfo, folder: str) -> DatasetSplits:
+    names = _read_classnames_txt(folder)
+    train_dir = _require(os.path.join(folder, info.images, "train"), "dir", "ImageNet train folder")
+    val_dir = _require(os.path.join(folder, info.images, "val"), "dir", "ImageNet val folder")
+    wnids = _class_dirs(train_dir)  # label = index in sorted folder order
+    _known_wnids(wnids, names, train_dir, folder)
+    if _class_dirs(val_dir) != wnids:
+        raise DatasetError(f"the wnid folders of {val_dir} differ from those of {train_dir}; {HINT}")
+    classnames = [names[w] for w in wnids]
+    test = _folder_items(val_dir, wnids, classnames)
+    return DatasetSplits(_folder_items(train_dir, wnids, classnames), list(test), test, classnames)
+
+
+def _read_wnid_folders(info: DatasetInfo, folder: str) -> DatasetSplits:
+    """ImageNet-Sketch/-A/-R: test only; label = index of the wnid folder in sorted order."""
+    names = _read_classnames_txt(folder)
+    image_dir = _require(os.path.join(folder, info.images), "dir", f"{info.name} image folder")
+    wnids = _class_dirs(image_dir)
+    _known_wnids(wnids, names, image_dir, folder)
+    classnames = [names[w] for w in wnids]
+    return DatasetSplits([], [], _folder_items(image_dir, wnids, classnames), classnames)
+
+
+def _read_numbered(info: DatasetInfo, folder: str) -> DatasetSplits:
+    """ImageNet-V2: folder "i" holds ImageNet label i (sorted-wnid order of classnames.txt)."""
+    names = _read_classnames_txt(folder)
+    classnames = [names[w] for w in sorted(names)]
+    image_dir = _require(os.path.join(folder, info.images), "dir", f"{info.name} image folder")
+    expected = [str(i) for i in range(len(classnames))]
+    found = set(_class_dirs(image_dir))
+    if found != set(expected):
+        missing, extra = sorted(set(expected) - found, key=int), sorted(found - set(expected))
+        raise DatasetError(f"{image_dir} must hold folders 0..{len(expected) - 1}; missing "
+                           f"{missing[:3]}, unexpected {extra[:3]}; {HINT}")
+    return DatasetSplits([], [], _folder_items(image_dir, expected, classnames), classnames)
+
+
+_READERS: dict[str, Callable[[DatasetInfo, str], DatasetSplits]] = {
+    "split": _read_split, "aircraft": _read_aircraft, "imagenet": _read_imagenet,
+    "wnid": _read_wnid_folders, "numbered": _read_numbered,
+}
+
+
+def load_dataset(key: str, root: str | os.PathLike) -> DatasetSplits:
+    """Full train/val/test splits of dataset `key` under data root `root`, original labels."""
+    info = dataset_info(key)
+    folder = os.path.join(os.path.abspath(os.path.expanduser(root)), info.folder)
+    _require(folder, "dir", f"{info.name} dataset folder")
+    splits = _READERS[info.layout](info, folder)
+    if info.n_classes is not None and len(splits.classnames) != info.n_classes:
+        raise DatasetError(f"{info.name} under {folder} has {len(splits.classnames)} classes, expected "
+                           f"{info.n_classes} (incomplete download or wrong split file?); {HINT}")
+    return splits
+
+
+# ----------------------------------------------------------------------------- few-shot protocol
+
+
+def _draw(rng: random.Random, items: Sequence[Datum], shots: int) -> list[Datum]:
+    groups: dict[int, list[Datum]] = {}  # insertion order = order of first appearance
+    for d in items:
+        groups.setdefault(d.label, []).append(d)
+    out: list[Datum] = []
+    for group in groups.values():
+        # fewer items than shots: keep them all and, as in the public recipe, draw nothing
+        out += rng.sample(group, shots) if len(group) >= shots else group
+    return out
+
+
+def few_shot(train: Sequence[Datum], val: Sequence[Datum], shots: int,
+             seed: int) -> tuple[list[Datum], list[Datum]]:
+    """REFERENCE section 4: `shots` per train label, then min(shots, 4) per val label, one stream."""
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample
+    return _draw(rng, train, shots), _draw(rng, val, min(shots, 4))
+
+
+def _cache_file(key: str, shots: int, seed: int, cache_dir: str | os.PathLike | None) -> str:
+    base = cache_dir or os.environ.get("CP_CACHE") or DEFAULT_CACHE_DIR
+    return os.path.join(os.path.expanduser(base), key, f"shot_{shots}-seed_{seed}.json")
+
+
+def _write_json_atomic(path: str, obj: object) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _read_cache(path: str, header: dict, pools: dict[str, Sequence[Datum]]) -> tuple | str:
+    """The cached (train, val) draw, or a string saying why the file is unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(obj, dict) or set(obj) != set(header) | set(pools):
+        return "wrong keys"
+    if any(obj[k] != v for k, v in header.items()):
+        return "dataset/shots/seed do not match the file name"
+    out = []
+    for split, pool in pools.items():
+        allowed, seen = set(pool), set()
+        for e in obj[split] if isinstance(obj[split], list) else [None]:
+            ok = isinstance(e, list) and len(e) == 3 and all(isinstance(v, h) for v, h in zip(e, (str, int, str)))
+            d = Datum(*e) if ok else None
+            if d not in allowed or d in seen:
+                return f"{split} entry {e!r} is not an item of the current {split} split"
+            seen.add(d)
+        out.append([Datum(*e) for e in obj[split]])
+    return tuple(out)
+
+
+def few_shot_cached(key: str, train: Sequence[Datum], val: Sequence[Datum], shots: int, seed: int,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[list[Datum], list[Datum]]:
+    """`few_shot`, recorded as JSON in <cache_dir>/<key>/shot_<shots>-seed_<seed>.json.
+
+    cache_dir: argument, else $CP_CACHE, else ~/.cache/calibrated-prompts/splits (never the dataset
+    folder, which may be read-only). A corrupt or stale file is reported and rebuilt.
+    """
+    path = _cache_file(key, shots, seed, cache_dir)
+    header = {"dataset": key, "shots": shots, "seed": seed}
+    if os.path.exists(path):
+        cached = _read_cache(path, header, {"train": train, "val": val})
+        if not isinstance(cached, str):
+            return cached
+        warnings.warn(f"few-shot cache {path} is unusable ({cached}); rebuilding it", RuntimeWarning)
+    train_fs, val_fs = few_shot(train, val, shots, seed)
+    rows = lambda items: [[d.impath, d.label, d.classname] for d in items]  # noqa: E731
+    try:
+        _write_json_atomic(path, {**header, "train": rows(train_fs), "val": rows(val_fs)})
+    except OSError as e:  # the draw is deterministic; losing the record is not fatal
+        warnings.warn(f"could not write few-shot cache {path}: {e}", RuntimeWarning)
+    return train_fs, val_fs
+
+
+def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
+    """Base = first ceil(n/2) of the sorted train labels, new = the rest, relabelled 0..k-1."""
+    if which not in ("base", "new", "all"):
+        raise ValueError(f"which must be 'base', 'new' or 'all', got {which!r}")
+    if which == "all":
+        return DatasetSplits(list(splits.train), list(splits.val), list(splits.test), list(splits.classnames))
+    labels = sorted({d.label for d in splits.train})
+    if not labels:
+        raise DatasetError("a base/novel split needs a non-empty train split")
+    m = math.ceil(len(labels) / 2)
+    chosen = labels[:m] if which == "base" else labels[m:]
+    new_label = {old: new for new, old in enumerate(chosen)}
+
+    def keep(items: list[Datum]) -> list[Datum]:
+        return [Datum(d.impath, new_label[d.label], d.classname) for d in items if d.label in new_label]
+
+    return DatasetSplits(keep(splits.train), keep(splits.val), keep(splits.test),
+                         [splits.classnames[old] for old in chosen])
+
+
+def load_few_shot(key: str, root: str | os.PathLike, shots: int, seed: int,
+                  cache_dir: str | os.PathLike | None = None) -> DatasetSplits:
+    """All classes: few-shot train/val, full test (e.g. ImageNet for the cross-dataset protocol)."""
+    full = load_dataset(key, root)
+    if not full.train:
+        raise DatasetError(f"{key} has no train split (evaluation-only dataset)")
+    train, val = few_shot_cached(key, full.train, full.val, shots, seed, cache_dir)
+    return DatasetSplits(train, val, full.test, full.classnames)
+
+
+def base_to_novel(key: str, root: str | os.PathLike, shots: int, seed: int,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[DatasetSplits, DatasetSplits]:
+    """(base, novel): few-shot drawn over all classes first, then split (REFERENCE section 4)."""
+    splits = load_few_shot(key, root, shots, seed, cache_dir)
+    return subsample_classes(splits, "base"), subsample_classes(splits, "new")
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def clean_classname(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def template(key: str, column: str = "coop") -> str:
+    """Hand-written template of REFERENCE section 7: column coop | kgcoop | prograd."""
+    if column not in COLUMNS:
+        raise ValueError(f"template column must be one of {COLUMNS}, got {column!r}")
+    return dataset_info(key).templates[COLUMNS.index(column)]
+
+
+def prompts(key: str, classnames: Sequence[str], column: str = "coop") -> list[str]:
+    t = template(key, column)
+    return [t.format(clean_classname(c)) for c in classnames]
+
+
+# ----------------------------------------------------------------------------- transforms, loaders
+
+
+def train_transform(n_px: int) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def test_transform(n_px: int) -> T.Compose:
+    return T.Compose([
+        T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC),  # shorter side -> n_px
+        T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode to RGB, naming the file on failure."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError as e:
+        raise DatasetError(f"image not found: {path}; {HINT}") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+class ImageCache:
+    """Decoded RGB images kept in memory up to `budget_bytes`; images beyond it are read from disk.
+
+    Fill it in the main process (train_loader does) before the loader starts its workers: forked
+    workers then share the pixels copy-on-write (PIL keeps them outside Python objects, so reference
+    counting does not copy them). Under the "spawn" start method each worker gets its own pickled copy.
+    Only decoding is cached; random augmentation still runs on every access.
+    """
+
+    def __init__(self, budget_bytes: int = 2 * 1024**3) -> None:
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self._images: dict[str, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._images
+
+    def fill(self, paths: Iterable[str], desc: str = "decoding images") -> int:
+        """Decode `paths` not cached yet until the budget is reached; returns how many are cached."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._images]
+        for path in tqdm(todo, desc=desc, disable=not todo):
+            img = load_image(path)
+            size = 4 * img.width * img.height  # PIL stores an RGB pixel in 4 bytes
+            if self.nbytes + size > self.budget_bytes:
+                break  # the rest is read from disk on every access
+            self._images[path] = img
+            self.nbytes += size
+        return len(self._images)
+
+    def get(self, path: str) -> Image.Image:
+        img = self._images.get(path)
+        return img if img is not None else load_image(path)
+
+
+class ImageList(Dataset):
+    """(transform(image), label) for a list of Datum, reading through an optional ImageCache."""
+
+    def __init__(self, items: Sequence[Datum], transform: Callable, cache: ImageCache | None = None):
+        self.items, self.transform, self.cache = list(items), transform, cache
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        d = self.items[i]
+        img = self.cache.get(d.impath) if self.cache is not None else load_image(d.impath)
+        return self.transform(img), d.label
+
+
+def _is_cuda(device: str | torch.device | None) -> bool:
+    return torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+
+
+def default_workers(device: str | torch.device | None) -> int:
+    """min(4, CPUs) when training on CUDA (keep the GPU fed); 0 on CPU, where worker processes would
+    compete with the model for the same cores."""
+    return min(4, os.cpu_count() or 1) if _is_cuda(device) else 0
+
+
+def _loader(dataset: ImageList, batch_size: int, device, num_workers: int | None, **kw) -> DataLoader:
+    if len(dataset) == 0:
+        raise ValueError("cannot build a DataLoader over an empty item list")
+    workers = default_workers(device) if num_workers is None else num_workers
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=_is_cuda(device),
+                      persistent_workers=workers > 0, **kw)
+
+
+def train_loader(items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device | None,
+                 num_workers: int | None = None, cache: ImageCache | None = None,
+                 seed: int | None = None) -> DataLoader:
+    """Shuffled, augmented; drops the last incomplete batch when there is at least one full batch.
+
+    `seed` fixes the shuffling order and the workers' augmentation seeds; with 0 workers augmentation
+    draws from the global torch RNG, which the methods seed.
+    """
+    if cache is not None:
+        cache.fill(d.impath for d in items)  # before workers fork, so they share it
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return _loader(ImageList(items, train_transform(n_px), cache), batch_size, device, num_workers,
+                   shuffle=True, drop_last=len(items) >= batch_size, generator=generator)
+
+
+def test_loader(items: Sequence[Datum], n_px: int, batch_size: int = 100,
+                device: str | torch.device | None = None, num_workers: int | None = None) -> DataLoader:
+    """Fixed order, no augmentation, every item (device None = CUDA if available)."""
+    return _loader(ImageList(items, test_transform(n_px)), batch_size, device, num_workers,
+                   shuffle=False, drop_last=False)
