@@ -1,0 +1,566 @@
+"""Tests for data.py on small fabricated dataset trees with real (tiny) image files."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import Datum, DatasetError, DatasetSplits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- fabrication helpers
+
+
+def _image_bytes(fmt: str = "PNG", size=(8, 8), colour=(200, 30, 90)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+PNG, JPEG = _image_bytes("PNG"), _image_bytes("JPEG")
+
+
+def _write(path: str, payload: bytes = JPEG) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def _write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def make_split_tree(root, key: str, n_classes: int, sizes=(2, 1, 1)) -> dict:
+    """A CoOp split-file dataset: n classes named "class_<i>", sizes[s] images per class and split.
+    Entries are interleaved across classes (as in real split files). Returns the raw split dict."""
+    info = data.DATASETS[key]
+    folder = os.path.join(root, info.folder)
+    raw = {}
+    for split, k in zip(("train", "val", "test"), sizes):
+        raw[split] = [[f"c{label:03d}/{split}_{j}.jpg", label, f"class_{label}"]
+                      for j in range(k) for label in range(n_classes)]
+        for rel, _, _ in raw[split]:
+            _write(os.path.join(folder, info.images, rel))
+    _write_text(os.path.join(folder, info.split_file), json.dumps(raw))
+    return raw
+
+
+def _wnids(n: int = 1000) -> list[str]:
+    return [f"n{7 * i + 10:08d}" for i in range(n)]  # already sorted
+
+
+def _classnames_txt(wnids) -> str:
+    shuffled = list(wnids)
+    random.Random(0).shuffle(shuffled)  # file order must not matter
+    return "".join(f"{w} thing {int(w[1:])}\n" for w in shuffled)
+
+
+def _name(wnid: str) -> str:
+    return f"thing {int(wnid[1:])}"
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    """ImageNet (2 train, 1 val per class), -Sketch, -V2 (1000 classes) and -A/-R (200 classes)."""
+    root = str(tmp_path_factory.mktemp("data"))
+    wnids, txt = _wnids(), _classnames_txt(_wnids())
+    for w in wnids:
+        for name in ("b.JPEG", "a.JPEG"):  # written out of order: readers sort names
+            _write(os.path.join(root, "imagenet/images/train", w, name))
+        _write(os.path.join(root, "imagenet/images/val", w, "v.JPEG"))
+        _write(os.path.join(root, "imagenet-sketch/images", w, "s.JPEG"))
+    _write(os.path.join(root, "imagenet/images/train", wnids[0], ".DS_Store"), b"junk")  # hidden: skipped
+    for i in range(1000):
+        _write(os.path.join(root, "imagenetv2/imagenetv2-matched-frequency-format-val", str(i), "x.jpeg"))
+    subsets = {"imagenet-adversarial/imagenet-a": wnids[3::5], "imagenet-rendition/imagenet-r": wnids[1::5]}
+    for sub, chosen in subsets.items():
+        for w in chosen:
+            _write(os.path.join(root, sub, w, "0.jpg"))
+        _write_text(os.path.join(root, sub, "README.txt"), "not a class")  # a file, not a class folder
+    for folder in ("imagenet", "imagenet-sketch", "imagenetv2", "imagenet-adversarial", "imagenet-rendition"):
+        _write_text(os.path.join(root, folder, "classnames.txt"), txt)
+    return root
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+SPLIT_KEYS = [k for k, info in data.DATASETS.items() if info.layout == "split"]
+
+
+@pytest.mark.parametrize("key", SPLIT_KEYS)
+def test_split_file_layouts(tmp_path, key):
+    n = data.DATASETS[key].n_classes or 3
+    raw = make_split_tree(tmp_path, key, n)
+    splits = data.load_dataset(key, tmp_path)
+    image_dir = os.path.join(str(tmp_path), data.DATASETS[key].folder, data.DATASETS[key].images)
+    for split in ("train", "val", "test"):
+        expected = [Datum(os.path.normpath(os.path.join(image_dir, rel)), label, name)
+                    for rel, label, name in raw[split]]
+        got = [Datum(os.path.normpath(d.impath), d.label, d.classname) for d in getattr(splits, split)]
+        assert got == expected  # same items, same order, absolute paths
+        assert all(os.path.isabs(d.impath) and os.path.isfile(d.impath) for d in getattr(splits, split))
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (2 * n, n, n)
+    assert splits.classnames == [f"class_{i}" for i in range(n)]
+
+
+def test_split_file_names_and_folders():
+    expected = {"caltech101": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json"),
+                "oxford_pets": ("oxford_pets", "images", "split_zhou_OxfordPets.json"),
+                "stanford_cars": ("stanford_cars", "", "split_zhou_StanfordCars.json"),
+                "oxford_flowers": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json"),
+                "food101": ("food-101", "images", "split_zhou_Food101.json"),
+                "sun397": ("sun397", "SUN397", "split_zhou_SUN397.json"),
+                "dtd": ("dtd", "images", "split_zhou_DescribableTextures.json"),
+                "eurosat": ("eurosat", "2750", "split_zhou_EuroSAT.json"),
+                "ucf101": ("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
+                "demo_shapes": ("demo_shapes", "images", "split_zhou_DemoShapes.json"),
+                "demo_colours": ("demo_colours", "images", "split_zhou_DemoColours.json"),
+                "demo_patterns": ("demo_patterns", "images", "split_zhou_DemoPatterns.json")}
+    assert {k: (i.folder, i.images, i.split_file) for k, i in data.DATASETS.items() if i.layout == "split"} == expected
+    assert len(data.BASE_TO_NOVEL) == 11 and len(data.XD_TARGETS) == 10 and "imagenet" not in data.XD_TARGETS
+    assert data.DG_TARGETS == ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
+
+
+def _make_aircraft(root, n=100):
+    folder = os.path.join(root, "fgvc_aircraft")
+    variants = [f"Model {i}-{i % 7}" if i % 2 else f"A{i}" for i in range(n)]  # some with spaces
+    _write_text(os.path.join(folder, "variants.txt"), "".join(v + "\n" for v in variants))
+    lines = {}
+    for s, split in enumerate(("train", "val", "test")):
+        lines[split] = [(f"{s}{i:06d}", variants[(i * 37) % n]) for i in range(n)]
+        _write_text(os.path.join(folder, f"images_variant_{split}.txt"),
+                    "".join(f"{im} {v}\n" for im, v in lines[split]))
+        for im, _ in lines[split]:
+            _write(os.path.join(folder, "images", im + ".jpg"))
+    return folder, variants, lines
+
+
+def test_fgvc_aircraft_layout(tmp_path):
+    folder, variants, lines = _make_aircraft(tmp_path)
+    splits = data.load_dataset("fgvc_aircraft", tmp_path)
+    assert splits.classnames == variants
+    for split in ("train", "val", "test"):
+        assert getattr(splits, split) == [
+            Datum(os.path.join(folder, "images", im + ".jpg"), variants.index(v), v) for im, v in lines[split]]
+
+
+def test_fgvc_aircraft_unknown_variant(tmp_path):
+    folder, _, _ = _make_aircraft(tmp_path)
+    with open(os.path.join(folder, "images_variant_val.txt"), "a") as f:
+        f.write("9999999 Boeing 999\n")
+    with pytest.raises(DatasetError, match="line 101.*Boeing 999"):
+        data.load_dataset("fgvc_aircraft", tmp_path)
+
+
+def test_imagenet_layout(imagenet_root):
+    splits = data.load_dataset("imagenet", imagenet_root)
+    wnids = _wnids()
+    assert splits.classnames == [_name(w) for w in wnids]  # label = sorted wnid folder index
+    assert len(splits.train) == 2000 and len(splits.test) == 1000
+    train_dir = os.path.join(imagenet_root, "imagenet/images/train")
+    assert splits.train[:3] == [Datum(os.path.join(train_dir, wnids[0], "a.JPEG"), 0, _name(wnids[0])),
+                                Datum(os.path.join(train_dir, wnids[0], "b.JPEG"), 0, _name(wnids[0])),
+                                Datum(os.path.join(train_dir, wnids[1], "a.JPEG"), 1, _name(wnids[1]))]
+    assert splits.test[-1] == Datum(os.path.join(imagenet_root, "imagenet/images/val", wnids[-1], "v.JPEG"),
+                                    999, _name(wnids[-1]))
+    assert splits.val == splits.test  # ImageNet: val = test
+
+
+def test_imagenet_sketch_and_v2(imagenet_root):
+    names = [_name(w) for w in _wnids()]
+    sketch = data.load_dataset("imagenet_sketch", imagenet_root)
+    assert sketch.classnames == names and [d.label for d in sketch.test] == list(range(1000))
+    assert sketch.train == [] and sketch.val == []
+    v2 = data.load_dataset("imagenetv2", imagenet_root)
+    assert v2.classnames == names
+    v2_dir = os.path.join(imagenet_root, "imagenetv2/imagenetv2-matched-frequency-format-val")
+    assert v2.test == [Datum(os.path.join(v2_dir, str(i), "x.jpeg"), i, names[i]) for i in range(1000)]
+
+
+@pytest.mark.parametrize("key,folder,offset", [("imagenet_a", "imagenet-adversarial/imagenet-a", 3),
+                                               ("imagenet_r", "imagenet-rendition/imagenet-r", 1)])
+def test_imagenet_a_r_mapping(imagenet_root, key, folder, offset):
+    imagenet = data.load_dataset("imagenet", imagenet_root)
+    variant = data.load_dataset(key, imagenet_root)
+    chosen = _wnids()[offset::5]
+    assert len(variant.classnames) == 200 and len(variant.test) == 200
+    for label, d in enumerate(variant.test):  # relabelled 0..199 in sorted wnid order
+        wnid = chosen[label]
+        assert d == Datum(os.path.join(imagenet_root, folder, wnid, "0.jpg"), label, _name(wnid))
+        # the same class as ImageNet's label for that wnid
+        assert imagenet.classnames[5 * label + offset] == variant.classnames[label]
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+README = "README.md section 'Datasets'"
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(DatasetError, match="dataset folder") as e:
+        data.load_dataset("caltech101", tmp_path)
+    assert os.path.join(str(tmp_path), "caltech-101") in str(e.value) and README in str(e.value)
+
+
+def test_missing_split_file_and_image_folder(tmp_path):
+    os.makedirs(tmp_path / "dtd" / "images")
+    with pytest.raises(DatasetError) as e:
+        data.load_dataset("dtd", tmp_path)
+    assert os.path.join(str(tmp_path), "dtd", "split_zhou_DescribableTextures.json") in str(e.value)
+    assert README in str(e.value)
+    _write_text(str(tmp_path / "eurosat" / "split_zhou_EuroSAT.json"), "{}")
+    with pytest.raises(DatasetError, match="2750") as e:
+        data.load_dataset("eurosat", tmp_path)
+    assert README in str(e.value)
+
+
+def test_missing_image(tmp_path):
+    make_split_tree(tmp_path, "demo_shapes", 3)
+    gone = os.path.join(str(tmp_path), "demo_shapes", "images", "c001", "test_0.jpg")
+    os.remove(gone)
+    with pytest.raises(DatasetError) as e:
+        data.load_dataset("demo_shapes", tmp_path)
+    assert gone in str(e.value) and README in str(e.value)
+
+
+def _demo_with(tmp_path, edit) -> None:
+    raw = make_split_tree(tmp_path, "demo_shapes", 3)
+    edit(raw)
+    _write_text(os.path.join(str(tmp_path), "demo_shapes", "split_zhou_DemoShapes.json"), json.dumps(raw))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda raw: raw["test"].append(["c000/train_0.jpg", 7, "seven"]), "out of range"),  # gap 3..6
+    (lambda raw: raw["test"].append(["c000/train_0.jpg", -1, "negative"]), "out of range"),
+    (lambda raw: raw["val"][0].__setitem__(2, "another name"), "two class names"),
+    (lambda raw: raw["val"].append(["c000/train_0.jpg", 3, "class_1"]), "two labels"),
+    (lambda raw: raw["train"][0].__setitem__(1, "0"), "integer label"),
+    (lambda raw: raw.pop("val"), "'train', 'val', 'test'"),
+])
+def test_bad_split_file_rejected(tmp_path, edit, message):
+    _demo_with(tmp_path, edit)
+    with pytest.raises(DatasetError, match=message):
+        data.load_dataset("demo_shapes", tmp_path)
+
+
+def test_wrong_class_count(tmp_path):
+    make_split_tree(tmp_path, "eurosat", 9)
+    with pytest.raises(DatasetError, match="9 classes, expected 10"):
+        data.load_dataset("eurosat", tmp_path)
+
+
+def test_variant_errors(tmp_path, imagenet_root):
+    os.makedirs(tmp_path / "imagenet-adversarial" / "imagenet-a" / "n99999999")
+    _write(str(tmp_path / "imagenet-adversarial" / "imagenet-a" / "n99999999" / "0.jpg"))
+    with pytest.raises(DatasetError, match="classnames.txt") as e:
+        data.load_dataset("imagenet_a", tmp_path)
+    assert README in str(e.value)
+    _write_text(str(tmp_path / "imagenet-adversarial" / "classnames.txt"), "n00000001 cat\n")
+    with pytest.raises(DatasetError, match="n99999999"):
+        data.load_dataset("imagenet_a", tmp_path)
+    os.makedirs(tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / "1")
+    _write_text(str(tmp_path / "imagenetv2" / "classnames.txt"), "n1 a\nn2 b\n")
+    with pytest.raises(DatasetError, match=r"missing \['0'\]"):
+        data.load_dataset("imagenetv2", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_dataset("imagenet21k", imagenet_root)
+
+
+def test_unreadable_image_names_file(tmp_path):
+    make_split_tree(tmp_path, "demo_colours", 2)
+    splits = data.load_dataset("demo_colours", tmp_path)
+    bad = splits.train[1].impath
+    _write(bad, b"this is not an image")
+    with pytest.raises(DatasetError, match="cannot read image") as e:
+        next(iter(data.test_loader(splits.train, 8, device="cpu")))
+    assert bad in str(e.value)
+    with pytest.raises(DatasetError, match="cannot read image"):
+        data.ImageCache().fill([bad])
+
+
+# ----------------------------------------------------------------------------- few-shot draw
+
+
+def reference_draw(train, val, shots, seed):
+    """Independent re-implementation of the public recipe with the module-level RNG."""
+    random.seed(seed)
+    drawn = []
+    for items, k in ((train, shots), (val, min(shots, 4))):
+        by_label = defaultdict(list)
+        for d in items:
+            by_label[d.label].append(d)
+        chosen = []
+        for group in by_label.values():
+            chosen.extend(random.sample(group, k) if len(group) >= k else group)
+        drawn.append(chosen)
+    return drawn
+
+
+def _pool(split: str, sizes: dict[int, int]) -> list[Datum]:
+    """Labels interleaved in a non-sorted order of first appearance; some classes smaller than shots."""
+    out = []
+    for j in range(max(sizes.values())):
+        out += [Datum(f"/d/{split}/{label}/{j}.jpg", label, f"c{label}") for label in sizes if j < sizes[label]]
+    return out
+
+
+TRAIN = _pool("train", {3: 40, 0: 16, 2: 5, 1: 23, 4: 17})
+VAL = _pool("val", {1: 9, 3: 4, 0: 2, 2: 7, 4: 30})
+
+
+@pytest.mark.parametrize("shots,seed", [(16, 1), (16, 2), (16, 3), (4, 1), (1, 7), (2, 0)])
+def test_few_shot_matches_reference(shots, seed):
+    train_fs, val_fs = data.few_shot(TRAIN, VAL, shots, seed)
+    assert [train_fs, val_fs] == reference_draw(TRAIN, VAL, shots, seed)
+    counts = defaultdict(int)
+    for d in train_fs:
+        counts[d.label] += 1
+    sizes = {3: 40, 0: 16, 2: 5, 1: 23, 4: 17}
+    assert counts == {label: min(n, shots) for label, n in sizes.items()}
+    assert [d.label for d in train_fs][:min(shots, 5)] == [3] * min(shots, 5)  # first-appearance order
+
+
+def test_val_draw_continues_the_stream():
+    _, val_fs = data.few_shot(TRAIN, VAL, 16, 1)
+    fresh = reference_draw(VAL, [], 4, 1)[0]  # val drawn from a freshly seeded RNG instead
+    assert val_fs != fresh
+    random.seed(1)
+    for group in ([d for d in TRAIN if d.label == label] for label in (3, 0, 2, 1, 4)):
+        if len(group) >= 16:
+            random.sample(group, 16)
+    assert val_fs[:4] == random.sample([d for d in VAL if d.label == 1], 4)
+
+
+def test_few_shot_leaves_global_rng_alone():
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    data.few_shot(TRAIN, VAL, 16, 1)
+    assert random.random() == expected
+
+
+def test_few_shot_stable_across_processes():
+    code = ("import json, data; from tests.test_data import TRAIN, VAL; "
+            "t, v = data.few_shot(TRAIN, VAL, 16, 2); print(json.dumps([[d.impath for d in t], [d.impath for d in v]]))")
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    t, v = data.few_shot(TRAIN, VAL, 16, 2)
+    assert json.loads(out.stdout) == [[d.impath for d in t], [d.impath for d in v]]
+
+
+def test_few_shot_rejects_zero_shots():
+    with pytest.raises(ValueError):
+        data.few_shot(TRAIN, VAL, 0, 1)
+
+
+def test_few_shot_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("CP_CACHE", str(tmp_path / "env"))
+    first = data.few_shot_cached("demo_shapes", TRAIN, VAL, 16, 1)
+    path = tmp_path / "env" / "demo_shapes" / "shot_16-seed_1.json"
+    stored = json.loads(path.read_text())
+    assert (stored["dataset"], stored["shots"], stored["seed"]) == ("demo_shapes", 16, 1)
+    assert [Datum(*e) for e in stored["train"]] == first[0]
+
+    def fail(*args):
+        raise AssertionError("cache not used")
+
+    monkeypatch.setattr(data, "few_shot", fail)
+    assert data.few_shot_cached("demo_shapes", TRAIN, VAL, 16, 1) == first
+    # an explicit argument wins over $CP_CACHE
+    monkeypatch.undo()
+    data.few_shot_cached("demo_shapes", TRAIN, VAL, 4, 2, cache_dir=tmp_path / "arg")
+    assert (tmp_path / "arg" / "demo_shapes" / "shot_4-seed_2.json").is_file()
+
+
+def _corrupt_variants(stored: dict) -> list[str]:
+    wrong_seed = dict(stored, seed=2)
+    foreign = json.loads(json.dumps(stored))
+    foreign["train"][0][0] = "/elsewhere/x.jpg"
+    duplicated = json.loads(json.dumps(stored))
+    duplicated["val"][1] = duplicated["val"][0]
+    return ['{"train": [', json.dumps({"train": stored["train"]}), json.dumps(wrong_seed),
+            json.dumps(foreign), json.dumps(duplicated), json.dumps(dict(stored, train=5))]
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+    expected = data.few_shot(TRAIN, VAL, 16, 1)
+    data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path)
+    path = tmp_path / "dtd" / "shot_16-seed_1.json"
+    good = path.read_text()
+    for bad in _corrupt_variants(json.loads(good)):
+        path.write_text(bad)
+        with pytest.warns(RuntimeWarning, match="rebuilding"):
+            assert data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path) == expected
+        assert json.loads(path.read_text()) == json.loads(good)
+    assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]  # atomic write cleaned up
+
+
+# ----------------------------------------------------------------------------- base / novel
+
+
+CLASS_TOTALS = {"imagenet": (1000, 500, 500), "caltech101": (100, 50, 50), "oxford_pets": (37, 19, 18),
+                "stanford_cars": (196, 98, 98), "oxford_flowers": (102, 51, 51), "food101": (101, 51, 50),
+                "fgvc_aircraft": (100, 50, 50), "sun397": (397, 199, 198), "dtd": (47, 24, 23),
+                "eurosat": (10, 5, 5), "ucf101": (101, 51, 50)}
+
+
+@pytest.mark.parametrize("key", data.BASE_TO_NOVEL)
+def test_base_novel_counts(key):
+    n, n_base, n_new = CLASS_TOTALS[key]
+    assert data.DATASETS[key].n_classes == n
+    items = [Datum(f"/x/{i}.jpg", label, f"c{label}") for i, label in enumerate(reversed(range(n)))]
+    splits = DatasetSplits(items, items[:3], items, [f"c{i}" for i in range(n)])
+    base, new = data.subsample_classes(splits, "base"), data.subsample_classes(splits, "new")
+    assert (len(base.classnames), len(new.classnames)) == (n_base, n_new)
+    assert base.classnames == [f"c{i}" for i in range(n_base)]
+    assert new.classnames == [f"c{i}" for i in range(n_base, n)]
+    assert sorted(d.label for d in base.test) == list(range(n_base))
+    assert sorted(d.label for d in new.test) == list(range(n_new))
+    assert all(new.classnames[d.label] == d.classname for d in new.test)
+    assert data.subsample_classes(splits, "all") == splits
+
+
+def test_subsample_uses_sorted_train_labels():
+    train = [Datum("/a", 10, "ten"), Datum("/b", 4, "four"), Datum("/c", 7, "seven")]
+    test = train + [Datum("/d", 4, "four")]
+    splits = DatasetSplits(train, [], test, [f"n{i}" for i in range(11)])
+    base = data.subsample_classes(splits, "base")  # labels 4, 7 -> 0, 1
+    assert base.test == [Datum("/b", 0, "four"), Datum("/c", 1, "seven"), Datum("/d", 0, "four")]
+    assert base.classnames == ["n4", "n7"]
+    assert data.subsample_classes(splits, "new").test == [Datum("/a", 0, "ten")]
+    with pytest.raises(ValueError):
+        data.subsample_classes(splits, "novel")
+
+
+def test_base_to_novel_draws_before_splitting(tmp_path):
+    make_split_tree(tmp_path, "demo_patterns", 5, sizes=(6, 5, 3))
+    full = data.load_dataset("demo_patterns", tmp_path)
+    base, new = data.base_to_novel("demo_patterns", tmp_path, 4, 1, cache_dir=tmp_path / "cache")
+    train_fs, val_fs = reference_draw(full.train, full.val, 4, 1)
+    assert base.train == [Datum(d.impath, d.label, d.classname) for d in train_fs if d.label < 3]
+    assert new.train == [Datum(d.impath, d.label - 3, d.classname) for d in train_fs if d.label >= 3]
+    assert new.val == [Datum(d.impath, d.label - 3, d.classname) for d in val_fs if d.label >= 3]
+    assert (len(base.test), len(new.test)) == (9, 6)
+    assert new.classnames == ["class_3", "class_4"]
+
+
+def test_imagenet_val_draw_comes_from_test(imagenet_root, tmp_path):
+    fs = data.load_few_shot("imagenet", imagenet_root, 1, 1, cache_dir=tmp_path)
+    assert len(fs.train) == 1000 and len(fs.val) == 1000 and len(fs.test) == 1000
+    test = set(data.load_dataset("imagenet", imagenet_root).test)
+    assert set(fs.val) == test
+    with pytest.raises(DatasetError, match="no train split"):
+        data.load_few_shot("imagenet_sketch", imagenet_root, 1, 1, cache_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def test_templates():
+    assert data.template("dtd", "coop") == "{} texture."
+    assert data.template("dtd", "kgcoop") == "a photo of a {}, a type of texture."
+    assert data.template("dtd", "prograd") == "a texture of {}."
+    assert data.template("food101", "prograd") == "a type of food, a photo of {}."
+    assert data.template("oxford_pets", "kgcoop") == "a photo of a {}, a type of pet."
+    assert {data.template("eurosat", c) for c in data.COLUMNS} == {"a centered satellite photo of {}."}
+    for key in data.DG_TARGETS + data.DEMO_DATASETS + ["imagenet", "sun397", "stanford_cars", "caltech101"]:
+        assert {data.template(key, c) for c in data.COLUMNS} == {"a photo of a {}."}
+    assert data.prompts("ucf101", ["Apply_Eye_Makeup"]) == ["a photo of a person doing Apply Eye Makeup."]
+    assert data.clean_classname("great_white_shark") == "great white shark"
+    with pytest.raises(ValueError, match="column"):
+        data.template("dtd", "maple")
+    t = data.IMAGENET_TEMPLATES
+    assert len(t) == 80 and len(set(t)) == 80 and all(x.count("{}") == 1 for x in t)
+    assert t[0] == "a bad photo of a {}." and t[-1] == "a tattoo of the {}."
+
+
+# ----------------------------------------------------------------------------- transforms, loaders
+
+
+def test_transforms_shape_and_normalisation():
+    img = Image.new("RGB", (13, 10), (255, 0, 128))
+    x = data.test_transform(8)(img)
+    assert x.shape == (3, 8, 8)
+    expected = (torch.tensor([1.0, 0.0, 128 / 255]) - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    assert torch.allclose(x, expected[:, None, None].expand(3, 8, 8), atol=1e-5)
+    assert data.train_transform(8)(img).shape == (3, 8, 8)
+
+
+def _noise_items(tmp_path, n=6) -> list[Datum]:
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (10 + i, 14 + 2 * i, 3), dtype=np.uint8)
+        path = str(tmp_path / f"img{i}.png")
+        Image.fromarray(pixels).save(path)
+        items.append(Datum(path, i % 3, f"c{i % 3}"))
+    return items
+
+
+def test_loaders(tmp_path):
+    items = _noise_items(tmp_path, 5)
+    loader = data.train_loader(items, 8, 2, "cpu")
+    batches = list(loader)
+    assert len(batches) == 2 and loader.drop_last  # 5 items, batch 2: last incomplete batch dropped
+    x, y = batches[0]
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert not loader.pin_memory and loader.num_workers == 0
+    small = list(data.train_loader(items, 8, 16, "cpu"))  # fewer items than one batch: keep them
+    assert len(small) == 1 and small[0][0].shape[0] == 5
+    tests = list(data.test_loader(items, 8, device="cpu"))
+    assert len(tests) == 1 and tests[0][1].tolist() == [d.label for d in items]
+    assert data.test_loader(items, 8, device="cpu").batch_size == 100
+    assert data.default_workers("cpu") == 0
+    assert data.default_workers("cuda") == min(4, os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="empty"):
+        data.train_loader([], 8, 2, "cpu")
+
+
+def _epochs(items, cache, workers=0, epochs=2):
+    torch.manual_seed(0)
+    loader = data.train_loader(items, 8, 2, "cpu", num_workers=workers, cache=cache, seed=3)
+    return [(x.clone(), y.clone()) for _ in range(epochs) for x, y in loader]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+
+def test_image_cache_matches_disk_reads(tmp_path):
+    items = _noise_items(tmp_path)
+    disk = _epochs(items, None)
+    assert not torch.equal(disk[0][0], disk[3][0])  # fresh augmentation every epoch
+    full = data.ImageCache()
+    assert _same(_epochs(items, full), disk) and len(full) == 6
+    assert full.nbytes == sum(4 * (10 + i) * (14 + 2 * i) for i in range(6))
+    partial = data.ImageCache(budget_bytes=4 * (10 * 14 + 11 * 16 + 12 * 18))
+    assert _same(_epochs(items, partial), disk) and len(partial) == 3  # the rest is read from disk
+    for d in items:
+        os.remove(d.impath)
+    assert _same(_epochs(items, full), disk)  # cached images are not read from disk again
+
+
+def test_image_cache_with_workers(tmp_path):
+    items = _noise_items(tmp_path)
+    disk = _epochs(items, None, workers=2)
+    cache = data.ImageCache()
+    assert _same(_epochs(items, cache, workers=2), disk)
+    assert len(cache) == len(items)
