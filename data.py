@@ -32,6 +32,7 @@ Decisions where the protocol leaves room:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -408,6 +409,18 @@ def _write_json_atomic(path: str, obj: object) -> None:
         raise
 
 
+def _rows(items: Iterable[Datum]) -> list[list]:
+    return [[d.impath, d.label, d.classname] for d in items]
+
+
+def _fingerprint(train: Sequence[Datum], val: Sequence[Datum]) -> str:
+    """Hash of the lists drawn from, so a cache made from a different split file or root is stale."""
+    h = hashlib.sha256()
+    for split in (train, val):
+        h.update(json.dumps(_rows(split)).encode())
+    return h.hexdigest()
+
+
 def _read_cache(path: str, header: dict, pools: dict[str, Sequence[Datum]]) -> tuple | str:
     """The cached (train, val) draw, or a string saying why the file is unusable."""
     try:
@@ -418,7 +431,7 @@ def _read_cache(path: str, header: dict, pools: dict[str, Sequence[Datum]]) -> t
     if not isinstance(obj, dict) or set(obj) != set(header) | set(pools):
         return "wrong keys"
     if any(obj[k] != v for k, v in header.items()):
-        return "dataset/shots/seed do not match the file name"
+        return "drawn with other settings or from other train/val lists"
     out = []
     for split, pool in pools.items():
         allowed, seen = set(pool), set()
@@ -437,19 +450,19 @@ def few_shot_cached(key: str, train: Sequence[Datum], val: Sequence[Datum], shot
     """`few_shot`, recorded as JSON in <cache_dir>/<key>/shot_<shots>-seed_<seed>.json.
 
     cache_dir: argument, else $CP_CACHE, else ~/.cache/calibrated-prompts/splits (never the dataset
-    folder, which may be read-only). A corrupt or stale file is reported and rebuilt.
+    folder, which may be read-only). A corrupt file, or one drawn from other train/val lists, is
+    reported and rebuilt.
     """
     path = _cache_file(key, shots, seed, cache_dir)
-    header = {"dataset": key, "shots": shots, "seed": seed}
+    header = {"dataset": key, "shots": shots, "seed": seed, "source": _fingerprint(train, val)}
     if os.path.exists(path):
         cached = _read_cache(path, header, {"train": train, "val": val})
         if not isinstance(cached, str):
             return cached
         warnings.warn(f"few-shot cache {path} is unusable ({cached}); rebuilding it", RuntimeWarning)
     train_fs, val_fs = few_shot(train, val, shots, seed)
-    rows = lambda items: [[d.impath, d.label, d.classname] for d in items]  # noqa: E731
     try:
-        _write_json_atomic(path, {**header, "train": rows(train_fs), "val": rows(val_fs)})
+        _write_json_atomic(path, {**header, "train": _rows(train_fs), "val": _rows(val_fs)})
     except OSError as e:  # the draw is deterministic; losing the record is not fatal
         warnings.warn(f"could not write few-shot cache {path}: {e}", RuntimeWarning)
     return train_fs, val_fs
@@ -490,6 +503,27 @@ def base_to_novel(key: str, root: str | os.PathLike, shots: int, seed: int,
     """(base, novel): few-shot drawn over all classes first, then split (REFERENCE section 4)."""
     splits = load_few_shot(key, root, shots, seed, cache_dir)
     return subsample_classes(splits, "base"), subsample_classes(splits, "new")
+
+
+PROTOCOLS = ("base2new", "xd")
+
+
+def protocol_splits(protocol: str, key: str, root: str | os.PathLike, shots: int, seed: int,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[DatasetSplits, dict[str, DatasetSplits]]:
+    """(training splits, {target name: splits to evaluate}), every dataset loaded and checked up front.
+
+    base2new: (base, {"base": base, "new": novel}).
+    xd: (few-shot `key` over all classes, {key: the same, target: full splits}); targets are the other
+    10 datasets and the 4 ImageNet variants, or the other demo datasets when `key` is a demo dataset.
+    """
+    if protocol == "base2new":
+        base, new = base_to_novel(key, root, shots, seed, cache_dir)
+        return base, {"base": base, "new": new}
+    if protocol == "xd":
+        source = load_few_shot(key, root, shots, seed, cache_dir)
+        pool = DEMO_DATASETS if key in DEMO_DATASETS else XD_TARGETS + DG_TARGETS
+        return source, {key: source, **{t: load_dataset(t, root) for t in pool if t != key}}
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
 # ----------------------------------------------------------------------------- templates
