@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import random
 import subprocess
@@ -78,11 +77,11 @@ def _name(wnid: str) -> str:
 
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory):
-    """ImageNet (2 train, 1 val per class), -Sketch, -V2 (1000 classes) and -A/-R (200 classes)."""
+    """ImageNet (1 val and 1 train image per class, 2 in classes 0-2), -Sketch, -V2 (1000 classes) and -A/-R (200 classes)."""
     root = str(tmp_path_factory.mktemp("data"))
     wnids, txt = _wnids(), _classnames_txt(_wnids())
-    for w in wnids:
-        for name in ("b.JPEG", "a.JPEG"):  # written out of order: readers sort names
+    for i, w in enumerate(wnids):
+        for name in ("b.JPEG", "a.JPEG")[i >= 3:]:  # 2 images in the first 3 classes, written out of order
             _write(os.path.join(root, "imagenet/images/train", w, name))
         _write(os.path.join(root, "imagenet/images/val", w, "v.JPEG"))
         _write(os.path.join(root, "imagenet-sketch/images", w, "s.JPEG"))
@@ -174,11 +173,12 @@ def test_imagenet_layout(imagenet_root):
     splits = data.load_dataset("imagenet", imagenet_root)
     wnids = _wnids()
     assert splits.classnames == [_name(w) for w in wnids]  # label = sorted wnid folder index
-    assert len(splits.train) == 2000 and len(splits.test) == 1000
+    assert len(splits.train) == 1003 and len(splits.test) == 1000
     train_dir = os.path.join(imagenet_root, "imagenet/images/train")
     assert splits.train[:3] == [Datum(os.path.join(train_dir, wnids[0], "a.JPEG"), 0, _name(wnids[0])),
                                 Datum(os.path.join(train_dir, wnids[0], "b.JPEG"), 0, _name(wnids[0])),
                                 Datum(os.path.join(train_dir, wnids[1], "a.JPEG"), 1, _name(wnids[1]))]
+    assert splits.train[-1] == Datum(os.path.join(train_dir, wnids[-1], "a.JPEG"), 999, _name(wnids[-1]))
     assert splits.test[-1] == Datum(os.path.join(imagenet_root, "imagenet/images/val", wnids[-1], "v.JPEG"),
                                     999, _name(wnids[-1]))
     assert splits.val == splits.test  # ImageNet: val = test
@@ -377,6 +377,7 @@ def test_few_shot_cache_roundtrip(tmp_path, monkeypatch):
     path = tmp_path / "env" / "demo_shapes" / "shot_16-seed_1.json"
     stored = json.loads(path.read_text())
     assert (stored["dataset"], stored["shots"], stored["seed"]) == ("demo_shapes", 16, 1)
+    assert set(stored) == {"dataset", "shots", "seed", "source", "train", "val"}
     assert [Datum(*e) for e in stored["train"]] == first[0]
 
     def fail(*args):
@@ -397,7 +398,8 @@ def _corrupt_variants(stored: dict) -> list[str]:
     duplicated = json.loads(json.dumps(stored))
     duplicated["val"][1] = duplicated["val"][0]
     return ['{"train": [', json.dumps({"train": stored["train"]}), json.dumps(wrong_seed),
-            json.dumps(foreign), json.dumps(duplicated), json.dumps(dict(stored, train=5))]
+            json.dumps(foreign), json.dumps(duplicated), json.dumps(dict(stored, train=5)),
+            json.dumps(dict(stored, source="0" * 64))]  # drawn from other lists
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
@@ -411,6 +413,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
             assert data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path) == expected
         assert json.loads(path.read_text()) == json.loads(good)
     assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]  # atomic write cleaned up
+    moved = [Datum("/moved" + d.impath, d.label, d.classname) for d in TRAIN]  # e.g. a new data root
+    with pytest.warns(RuntimeWarning, match="other train/val lists"):
+        assert data.few_shot_cached("dtd", moved, VAL, 16, 1, cache_dir=tmp_path) == data.few_shot(moved, VAL, 16, 1)
 
 
 # ----------------------------------------------------------------------------- base / novel
@@ -469,6 +474,24 @@ def test_imagenet_val_draw_comes_from_test(imagenet_root, tmp_path):
     assert set(fs.val) == test
     with pytest.raises(DatasetError, match="no train split"):
         data.load_few_shot("imagenet_sketch", imagenet_root, 1, 1, cache_dir=tmp_path)
+
+
+def test_protocol_splits(tmp_path):
+    for key in data.DEMO_DATASETS:
+        make_split_tree(tmp_path, key, 4, sizes=(3, 2, 2))
+    cache = tmp_path / "cache"
+    train, targets = data.protocol_splits("base2new", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    assert list(targets) == ["base", "new"] and train == targets["base"]
+    assert (train, targets["new"]) == data.base_to_novel("demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    train, targets = data.protocol_splits("xd", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    assert list(targets) == ["demo_shapes", "demo_colours", "demo_patterns"]
+    assert train == targets["demo_shapes"] and len(train.classnames) == 4 and len(train.train) == 8
+    assert targets["demo_colours"] == data.load_dataset("demo_colours", tmp_path)
+    with pytest.raises(ValueError, match="protocol"):
+        data.protocol_splits("dg", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    with pytest.raises(DatasetError, match="caltech-101"):  # xd from a real source needs every target
+        make_split_tree(tmp_path, "eurosat", 10)
+        data.protocol_splits("xd", "eurosat", tmp_path, 2, 1, cache_dir=cache)
 
 
 # ----------------------------------------------------------------------------- templates
