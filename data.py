@@ -512,13 +512,13 @@ def protocol_splits(protocol: str, key: str, root: str | os.PathLike, shots: int
                     cache_dir: str | os.PathLike | None = None) -> tuple[DatasetSplits, dict[str, DatasetSplits]]:
     """(training splits, {target name: splits to evaluate}), every dataset loaded and checked up front.
 
-    base2new: (base, {"base": base, "new": novel}).
+    base2new: (base, {"base": base, "novel": novel}).
     xd: (few-shot `key` over all classes, {key: the same, target: full splits}); targets are the other
     10 datasets and the 4 ImageNet variants, or the other demo datasets when `key` is a demo dataset.
     """
     if protocol == "base2new":
         base, new = base_to_novel(key, root, shots, seed, cache_dir)
-        return base, {"base": base, "new": new}
+        return base, {"base": base, "novel": new}
     if protocol == "xd":
         source = load_few_shot(key, root, shots, seed, cache_dir)
         pool = DEMO_DATASETS if key in DEMO_DATASETS else XD_TARGETS + DG_TARGETS

@@ -481,8 +481,8 @@ def test_protocol_splits(tmp_path):
         make_split_tree(tmp_path, key, 4, sizes=(3, 2, 2))
     cache = tmp_path / "cache"
     train, targets = data.protocol_splits("base2new", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
-    assert list(targets) == ["base", "new"] and train == targets["base"]
-    assert (train, targets["new"]) == data.base_to_novel("demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    assert list(targets) == ["base", "novel"] and train == targets["base"]
+    assert (train, targets["novel"]) == data.base_to_novel("demo_shapes", tmp_path, 2, 1, cache_dir=cache)
     train, targets = data.protocol_splits("xd", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
     assert list(targets) == ["demo_shapes", "demo_colours", "demo_patterns"]
     assert train == targets["demo_shapes"] and len(train.classnames) == 4 and len(train.train) == 8
