@@ -1,0 +1,514 @@
+"""Evaluation: calibration metrics, post-hoc calibrators, result files and summary tables.
+
+REFERENCE.md section 3 defines the metrics (ECE with 10 equal-width bins on (0, 1] is the headline number),
+section 2 the post-hoc calibrators (temperature scaling, DAC). Every method script evaluates its logits once
+(`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
+`results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
+files into the paper-shaped tables. Plots use matplotlib's object API with the Agg canvas, so no display
+and no global backend switch are needed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import losses
+
+VARIANTS = ("raw", "ts", "dac")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def _probs(logits) -> torch.Tensor:
+    """Softmax in float64 (never fp16): (N, C)."""
+    return torch.as_tensor(logits).detach().cpu().double().softmax(dim=1)
+
+
+def _bin_stats(conf: np.ndarray, correct: np.ndarray, n_bins: int):
+    """Per-bin count, accuracy and mean confidence for equal-width bins; sample in bin j iff lo_j < conf <= hi_j."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)  # conf = 1.0 -> last bin
+    counts = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins give NaN and are never used
+        acc = np.bincount(idx, weights=correct, minlength=n_bins) / counts
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / counts
+    return counts, acc, mean_conf
+
+
+def calibration_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> tuple[float, float, float]:
+    """(ECE, MCE, ACE) as fractions. ECE: sum_j n_j/N |acc_j - conf_j| over equal-width bins; MCE: the
+    textbook max_j |acc_j - conf_j| over non-empty bins; ACE: the ECE sum over n_bins equal-mass bins
+    (samples sorted by confidence, split into nearly equal consecutive chunks)."""
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
+    n = len(conf)
+    counts, acc, mean_conf = _bin_stats(conf, correct, n_bins)
+    full = counts > 0
+    gaps = np.abs(acc[full] - mean_conf[full])
+    ece, mce = float(np.sum(counts[full] / n * gaps)), float(gaps.max())
+    order = np.argsort(conf, kind="stable")
+    ace = sum(len(c) / n * abs(correct[c].mean() - conf[c].mean()) for c in np.array_split(order, n_bins) if len(c))
+    return ece, mce, float(ace)
+
+
+def compute_metrics(logits, labels, n_bins: int = 10) -> dict:
+    """Metrics of one set of logits (N, C): acc, ece, mce, ace, macro_f1, confidence in percent; nll, brier
+    (mean over samples of sum_c (p_c - y_c)^2); margin_mean, margin_std (population) of the margins of the
+    given (scaled) logits, REFERENCE section 1; n. Macro-F1 averages over classes that occur in the labels or
+    the predictions (classes with neither have no defined F1)."""
+    z = torch.as_tensor(logits).detach().cpu().double()
+    y = torch.as_tensor(labels).detach().cpu().long()
+    if z.dim() != 2 or len(z) == 0 or len(z) != len(y):
+        raise ValueError(f"compute_metrics needs logits (N>0, C) and N labels, got {tuple(z.shape)} and {tuple(y.shape)}")
+    p = z.softmax(dim=1)
+    conf, pred = p.max(dim=1)
+    correct = (pred == y).double()
+    ece, mce, ace = calibration_errors(conf.numpy(), correct.numpy(), n_bins)
+    onehot = torch.nn.functional.one_hot(y, z.shape[1]).double()
+    nll = -z.log_softmax(dim=1).gather(1, y[:, None]).mean()
+    y_np, pred_np, c = y.numpy(), pred.numpy(), z.shape[1]
+    tp = np.bincount(y_np[pred_np == y_np], minlength=c)
+    denom = np.bincount(pred_np, minlength=c) + np.bincount(y_np, minlength=c)  # 2TP + FP + FN
+    m = losses.sample_margins(z, y)  # float64 kept
+    return {"acc": 100 * correct.mean().item(), "ece": 100 * ece, "mce": 100 * mce, "ace": 100 * ace,
+            "nll": nll.item(), "brier": ((p - onehot) ** 2).sum(dim=1).mean().item(),
+            "macro_f1": 100 * float(np.mean(2 * tp[denom > 0] / denom[denom > 0])),
+            "confidence": 100 * conf.mean().item(), "margin_mean": m.mean().item(),
+            "margin_std": m.std(unbiased=False).item(), "n": len(y)}
+
+
+# -------------------------------------------------------------------------------------- post-hoc calibrators
+def fit_temperature(logits, labels, t_min: float = 0.01, t_max: float = 100.0, iters: int = 100) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) exactly (calibrated logits = logits / T).
+
+    Fitted by bisection in float64 on the derivative of the NLL in the inverse temperature b = 1/T, searched
+    in log b over [1/t_max, 1/t_min]: NLL(b) = mean(logsumexp(b z) - b z_y) is convex in b, so its derivative
+    mean(E_p[z] - z_y) is monotone and bisection finds the global optimum (clipped to the bounds when it lies
+    outside, e.g. for separable data). DAC's public code instead runs 20 epochs of SGD on log scale.
+    """
+    z = torch.as_tensor(logits).detach().cpu().double()
+    y = torch.as_tensor(labels).detach().cpu().long()
+
+    def slope(log_b: float) -> float:
+        zb = z * np.exp(log_b)
+        return ((zb.softmax(dim=1) * z).sum(dim=1) - z.gather(1, y[:, None]).squeeze(1)).mean().item()
+
+    lo, hi = np.log(1 / t_max), np.log(1 / t_min)
+    if slope(hi) <= 0:
+        return t_min
+    if slope(lo) >= 0:
+        return t_max
+    for _ in range(iters):
+        if hi - lo < 1e-12:  # relative precision of T, far below any effect on the metrics
+            break
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
+    return float(np.exp(-0.5 * (lo + hi)))
+
+
+def _knn_distances(test: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+    """The k smallest Euclidean distances from each normalised test row to the normalised base rows: (C_test, k)."""
+    a = torch.nn.functional.normalize(test.detach().cpu().double(), dim=-1)
+    b = torch.nn.functional.normalize(base.detach().cpu().double(), dim=-1)
+    d = (2 - 2 * a @ b.T).clamp_min(0).sqrt()  # (C_test, C_base); |a - b|^2 = 2 - 2 cos for unit vectors
+    return d.topk(min(k, b.shape[0]), dim=1, largest=False).values
+
+
+def dac_factors(tuned_test, zs_test, tuned_base, zs_base, k: int = 5, base_threshold: float = 0.05) -> torch.Tensor:
+    """DAC factors (Wang et al., ICML 2024; REFERENCE section 2), one per test class: (C_test,) float32.
+
+    score(c) = exp(-mean of the K smallest distances to the base-class text features), with the tuned and
+    with the zero-shot features; factor = score_tuned / score_zs, exactly 1.0 when the nearest tuned distance
+    is below `base_threshold` (a base class). K is clipped to the number of base classes.
+    """
+    d_tuned = _knn_distances(tuned_test, tuned_base, k)
+    d_zs = _knn_distances(zs_test, zs_base, k)
+    factors = torch.exp(d_zs.mean(dim=1) - d_tuned.mean(dim=1))  # = exp(-d_tuned) / exp(-d_zs)
+    factors[d_tuned[:, 0] < base_threshold] = 1.0
+    return factors.float()
+
+
+def apply_dac(logits: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Multiply each sample's whole logit row by the (positive) factor of its predicted class; the argmax,
+    hence accuracy, is unchanged."""
+    return logits * factors.to(logits)[logits.argmax(dim=1)][:, None]
+
+
+# ------------------------------------------------------------------------------------------------ running
+@torch.no_grad()
+def predict(fn: Callable, loader: Iterable, device, desc: str = "predict"):
+    """Run `fn(images)` over the loader once; return (outputs, labels) on the CPU, outputs float32.
+
+    `fn` may return a tensor or a tuple of tensors (e.g. logits and features); the result mirrors it.
+    Outputs stay on the device until the end and are moved in one transfer, so no per-batch host sync.
+    """
+    outs, labels, single = [], [], True
+    for images, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        out = fn(images.to(device, non_blocking=True))
+        single = isinstance(out, torch.Tensor)
+        outs.append(tuple(o.float() for o in ((out,) if single else out)))
+        labels.append(y)
+    if not outs:
+        raise ValueError(f"predict ({desc}): the loader yielded no batches")
+    cat = tuple(torch.cat(parts).cpu() for parts in zip(*outs))  # each (N, ...)
+    return (cat[0] if single else cat), torch.cat(labels).long().cpu()
+
+
+def evaluate_split(logits, labels, temperature: float | None, dac: torch.Tensor | None, out_dir=None,
+                   name: str = "test", n_bins: int = 10) -> dict:
+    """Metrics of the raw logits, of logits / temperature ("ts") and of DAC-scaled raw logits ("dac"), and
+    reliability diagrams `reliability_<name>_<variant>.png` (20 bins) in out_dir (skipped when None).
+    A variant whose calibrator is None is left out of the result."""
+    logits = torch.as_tensor(logits).float()
+    variants = {"raw": logits}
+    if temperature is not None:
+        variants["ts"] = logits / temperature
+    if dac is not None:
+        variants["dac"] = apply_dac(logits, dac)
+    result = {}
+    for variant, z in variants.items():
+        result[variant] = compute_metrics(z, labels, n_bins)
+        if out_dir is not None:
+            reliability_diagram(z, labels, Path(out_dir) / f"reliability_{name}_{variant}.png",
+                                title=f"{name}, {variant}")
+    return result
+
+
+def reliability_diagram(logits, labels, path, n_bins: int = 20, title: str = "") -> None:
+    """Per-bin accuracy bars against the diagonal, the gap to the bin's mean confidence shaded; the table ECE
+    (10 bins) is printed on the plot."""
+    p = _probs(logits)
+    conf, pred = p.max(dim=1)
+    correct = (pred == torch.as_tensor(labels).long()).double().numpy()
+    conf = conf.numpy()
+    counts, acc, mean_conf = _bin_stats(conf, correct, n_bins)
+    ece = 100 * calibration_errors(conf, correct, 10)[0]
+    full, width = counts > 0, 1.0 / n_bins
+    centres = (np.arange(n_bins) + 0.5) * width
+    fig = Figure(figsize=(4, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(centres[full], acc[full], width, color="tab:blue", edgecolor="black", label="accuracy")
+    ax.bar(centres[full], mean_conf[full] - acc[full], width, bottom=acc[full], color="tab:red", alpha=0.3,
+           edgecolor="tab:red", hatch="//", label="gap")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.text(0.04, 0.93, f"ECE = {ece:.2f}% (10 bins)", transform=ax.transAxes,
+            bbox={"facecolor": "white", "alpha": 0.8})
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+# ------------------------------------------------------------------------------------------- result files
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, (Path, os.PathLike)):
+        return os.fspath(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, argparse.Namespace):
+        return vars(o)
+    raise TypeError(f"results: cannot write a {type(o).__name__} to JSON")
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`, so a killed or failed
+    write never leaves a partial file under the final name (the temporary file is removed on error)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def code_version() -> dict:
+    """{"commit": HEAD of the repository holding eval.py, "dirty": tracked files modified}; None where git or
+    the repository is unavailable."""
+    here = Path(__file__).resolve().parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(here), *cmd], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"commit": commit, "dirty": dirty}
+
+
+def write_results(out_dir, *, method: str, args, metrics: dict, temperature: float | None, timings: dict,
+                  extra: dict | None = None) -> Path:
+    """Write `out_dir/results.json` atomically with the run's identity (from args), all arguments, the code
+    version, timings, the temperature, metrics ({split: {variant: compute_metrics dict}}) and "complete": true.
+    demo = args.demo, or a demo dataset (key "demo_*"); `extra` (e.g. {"demo": True}) overrides any field."""
+    a = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    dataset = a.get("dataset")
+    record = {"method": method, "dataset": dataset, "protocol": a.get("protocol"), "seed": a.get("seed"),
+              "shots": a.get("shots"), "calib": a.get("calib", "none"), "backbone": a.get("backbone"),
+              "demo": bool(a.get("demo")) or str(dataset).startswith("demo_"), "args": a,
+              "code": code_version(), "timings": timings, "temperature": temperature, "metrics": metrics,
+              "written_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    record.update(extra or {})
+    record["complete"] = True
+    path = Path(out_dir) / "results.json"
+    write_json_atomic(path, record)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def load_results(root) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every results.json below root: (complete records, [(path, why skipped)])."""
+    records, skipped = [], []
+    for path in sorted(Path(root).rglob("results.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            skipped.append((path, f"unreadable ({e})"))
+            continue
+        if not isinstance(rec, dict) or rec.get("complete") is not True:
+            skipped.append((path, 'incomplete (no "complete": true)'))
+        elif not isinstance(rec.get("metrics"), dict):
+            skipped.append((path, "no metrics"))
+        else:
+            records.append(dict(rec, _path=str(path)))
+    return records, skipped
+
+
+def _column_order(names: Iterable[str]) -> list[str]:
+    """The paper's dataset order when data.py provides it, then the rest alphabetically."""
+    try:
+        import data
+        known = [*data.BASE_TO_NOVEL, *data.DG_TARGETS, *data.XD_TARGETS, *data.DEMO_DATASETS]
+    except Exception:  # ordering only: summaries must not depend on data.py importing
+        known = []
+    rank = {k: i for i, k in enumerate(dict.fromkeys(known))}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _harmonic(b: float, n: float) -> float:
+    return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+
+def _cells(runs: dict, cols: list[str], avg_cols: list[str], expected: dict) -> dict:
+    """runs: {column: {seed: value}} -> {column or "average": (mean, std, partial) or None}.
+    Average: mean of the column means, std over the seeds present in every averaged column of the per-seed
+    average; None when a column is missing."""
+    out = {}
+    for col in cols:
+        v = list(runs.get(col, {}).values())
+        out[col] = (float(np.mean(v)), float(np.std(v)), len(v) < len(expected[col])) if v else None
+    if avg_cols and all(out[c] for c in avg_cols):
+        seeds = set.intersection(*(set(runs[c]) for c in avg_cols))
+        per_seed = [np.mean([runs[c][s] for c in avg_cols]) for s in seeds]
+        out["average"] = (float(np.mean([out[c][0] for c in avg_cols])),
+                          float(np.std(per_seed)) if per_seed else float("nan"),
+                          any(out[c][2] for c in avg_cols))
+    else:
+        out["average"] = None
+    return out
+
+
+def _harmonic_cells(base: dict, novel: dict, bc: dict, nc: dict, cols: list[str], avg_cols: list[str]) -> dict:
+    """H from the mean base and novel accuracies (mean table, as the papers' tables); std over seeds of the
+    per-seed H (std table)."""
+    out = {}
+    for col in [*cols, "average"]:
+        if bc.get(col) is None or nc.get(col) is None:
+            out[col] = None
+            continue
+        if col == "average":
+            seeds = set.intersection(*(set(base[c]) & set(novel[c]) for c in avg_cols))
+            pairs = [(np.mean([base[c][s] for c in avg_cols]), np.mean([novel[c][s] for c in avg_cols])) for s in seeds]
+        else:
+            pairs = [(base[col][s], novel[col][s]) for s in set(base[col]) & set(novel[col])]
+        std = float(np.std([_harmonic(b, n) for b, n in pairs])) if pairs else float("nan")
+        out[col] = (_harmonic(bc[col][0], nc[col][0]), std, bc[col][2] or nc[col][2])
+    return out
+
+
+def _fmt(cell, stat: int, star: bool = True) -> str:
+    if cell is None or cell[stat] != cell[stat]:  # missing or NaN
+        return "-"
+    return f"{cell[stat]:.2f}" + ("*" if star and stat == 0 and cell[2] else "")
+
+
+def _missing(table: dict, rows: list, cols: list[str], expected: dict) -> list[str]:
+    """Lines 'method / calib (variants): column seed s, ...' for runs other rows have and this row lacks."""
+    by_row = defaultdict(list)
+    for method, calib, variant in rows:
+        runs = table.get((method, calib, variant), {})
+        gaps = [f"{c} seed {s}" for c in cols for s in sorted(expected[c]) if s not in runs.get(c, {})]
+        if gaps:
+            by_row[(method, calib, "; ".join(gaps))].append(variant)
+    return [f"- {m} / {c} ({', '.join(v)}): {g}" for (m, c, g), v in sorted(by_row.items())]
+
+
+def _observations(recs: list[dict], b2n: bool, splits: list[str], metrics: Iterable[str]) -> dict:
+    """quantity -> (method, calib, variant) -> column -> seed -> value. Base-to-novel: quantity "split metric",
+    column = dataset; otherwise quantity = metric, column = target (the metrics' split key)."""
+    obs = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for r in recs:
+        for split, by_variant in r["metrics"].items():
+            if splits is not None and split not in splits:
+                continue
+            for variant, m in by_variant.items():
+                for metric in metrics:
+                    if metric not in m:
+                        raise ValueError(f"{r['_path']}: no metric {metric!r} in {split}/{variant}")
+                    q, col = (f"{split} {metric}", r["dataset"]) if b2n else (metric, split)
+                    obs[q][(r["method"], r["calib"], variant)][col][r["seed"]] = m[metric]
+    return obs
+
+
+def _summarize_group(protocol: str, demo: bool, recs: list[dict], splits, metrics) -> tuple[list, list, dict, list]:
+    """Markdown lines, CSV rows, {quantity: {row: cells}} for a radar plot (else {}) and columns of one group."""
+    tag = "DEMO " if demo else ""
+    b2n = all("base" in r["metrics"] for r in recs)
+    splits = splits or (["base", "novel"] if b2n else None)
+    obs = _observations(recs, b2n, splits, metrics)
+    exclude = set() if b2n else {r["dataset"] for r in recs}  # xd/dg: the training dataset is no target
+    rows = sorted({row for t in obs.values() for row in t},
+                  key=lambda x: (x[0], x[1] != "none", x[1], VARIANTS.index(x[2]) if x[2] in VARIANTS else 9, x[2]))
+    cols = _column_order(c for t in obs.values() for runs in t.values() for c in runs)
+    avg_cols = [c for c in cols if c not in exclude]
+    expected = {q: {c: set().union(*(t[row].get(c, {}).keys() for row in t)) for c in cols} for q, t in obs.items()}
+    tables = {q: {row: _cells(obs[q][row], cols, avg_cols, expected[q]) for row in obs[q]} for q in obs}
+    quantities = [f"{s} {m}" if b2n else m for m in metrics for s in (splits if b2n else [None])]
+    quantities = [q for q in dict.fromkeys(quantities) if q in obs]
+    if "base acc" in obs and "novel acc" in obs:
+        ba, na = obs["base acc"], obs["novel acc"]
+        tables["H"] = {row: _harmonic_cells(ba[row], na[row], tables["base acc"][row], tables["novel acc"][row],
+                                            cols, avg_cols) for row in ba if row in na}
+        quantities.insert(quantities.index("novel acc") + 1, "H")
+    md = ["", f"## {tag}protocol {protocol}"]
+    if exclude:
+        md += ["", f"Trained on {', '.join(sorted(exclude))}; the average is over the other targets."]
+    header = ["method", "calib", "variant", *cols, "average"]
+    csv_rows, last_gaps = [], None
+    for q in quantities:
+        for stat, stat_name in ((0, "mean"), (1, "std")):
+            md += ["", f"### {tag}{protocol}: {q} (%), {stat_name} over seeds", "",
+                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for row in rows:
+                cells = tables[q].get(row) or dict.fromkeys([*cols, "average"])
+                md.append("| " + " | ".join([*row, *(_fmt(cells[c], stat) for c in header[3:])]) + " |")
+                csv_rows.append({"protocol": protocol, "demo": demo, "table": q, "stat": stat_name,
+                                 **dict(zip(header, row)), **{c: _fmt(cells[c], stat, star=False) for c in header[3:]}})
+            if stat == 0:
+                if any(cells[c] and cells[c][2] for cells in tables[q].values() for c in cols):
+                    md += ["", "\\* mean over fewer seeds than other rows have."]
+                runs_q = q if q in obs else quantities[0]  # H has the runs of the accuracy tables
+                gaps = _missing(obs[runs_q], rows, cols, expected[runs_q])
+                if gaps and gaps != last_gaps:  # list each set of missing runs once, below its first table
+                    md += ["", "Missing runs (shown as -):", *gaps]
+                last_gaps = gaps
+    return md, csv_rows, (tables if b2n and len(cols) >= 3 else {}), cols
+
+
+def summarize(root, splits: list[str] | None = None, metrics: Iterable[str] = ("acc", "ece"), write: bool = True) -> str:
+    """Paper-shaped tables of every complete results.json below root; Markdown returned (and, when write, saved
+    with CSV as root/summary.md, root/summary.csv, plus summary_radar*.png of per-dataset ECE).
+
+    Groups by (protocol, demo); demo groups say DEMO in every title. Base-to-novel groups (metrics keyed
+    base/novel): rows method x calib x variant, columns datasets + average, a table per split x metric and H.
+    Other groups (xd/dg, metrics keyed by target): columns = targets, average over the targets other than the
+    training dataset. Cells: mean and population std over seeds; '*' = fewer seeds than other rows; '-' =
+    missing, listed. H: of the mean accuracies (as the papers' tables); its std is over per-seed H.
+    """
+    root = Path(root)
+    metrics = list(metrics)
+    records, skipped = load_results(root)
+    md = [f"# Summary of {root}", "", f"{len(records)} complete result files, {len(skipped)} skipped."]
+    csv_rows, radars, all_cols = [], [], []
+    groups = defaultdict(list)
+    for r in records:
+        groups[(str(r.get("protocol")), bool(r.get("demo")))].append(r)
+    for (protocol, demo), recs in sorted(groups.items()):
+        lines, rows, radar, cols = _summarize_group(protocol, demo, recs, splits, metrics)
+        md += lines
+        csv_rows += rows
+        all_cols += cols
+        if radar:
+            radars.append((protocol, demo, cols, radar))
+    if skipped:
+        md += ["", "## Skipped result files", *(f"- {p}: {why}" for p, why in skipped)]
+    text = "\n".join(md) + "\n"
+    if write:
+        (root / "summary.md").write_text(text)
+        fields = ["protocol", "demo", "table", "stat", "method", "calib", "variant", *dict.fromkeys(all_cols), "average"]
+        with open(root / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(csv_rows)
+        for protocol, demo, cols, tables in radars:
+            name = "summary_radar.png" if len(radars) == 1 else f"summary_radar_{protocol}{'_demo' * demo}.png"
+            _radar(root / name, cols, tables, f"{'DEMO ' * demo}{protocol}")
+    return text
+
+
+def _radar(path: Path, cols: list[str], tables: dict, title: str) -> None:
+    """Per-dataset ECE (raw variant) of each method x calib on a radar chart, base and novel side by side."""
+    fig = Figure(figsize=(11, 5.5), dpi=100)
+    FigureCanvasAgg(fig)
+    angles = np.linspace(0, 2 * np.pi, len(cols), endpoint=False)
+    for i, split in enumerate(("base", "novel")):
+        ax = fig.add_subplot(1, 2, i + 1, projection="polar")
+        for (method, calib, variant), cells in sorted(tables.get(f"{split} ece", {}).items()):
+            if variant == "raw":
+                vals = [cells[c][0] if cells[c] else np.nan for c in cols]
+                ax.plot(np.append(angles, angles[0]), vals + vals[:1], marker="o", ms=3, label=f"{method} / {calib}")
+        ax.set_xticks(angles, cols, fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{title}: {split} ECE (%)")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summarize", help="tables of every results.json below OUTPUT_DIR")
+    s.add_argument("output_dir")
+    s.add_argument("--split", nargs="+", help="metric splits to tabulate (default: base novel, or every target)")
+    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys (default: acc ece)")
+    a = parser.parse_args(argv)
+    if not Path(a.output_dir).is_dir():
+        parser.error(f"OUTPUT_DIR {a.output_dir} is not a directory")
+    print(summarize(a.output_dir, a.split, a.metrics), end="")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
