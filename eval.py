@@ -15,9 +15,11 @@ import csv
 import datetime
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
+import types
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -285,6 +287,166 @@ def write_results(out_dir, *, method: str, args, metrics: dict, temperature: flo
     path = Path(out_dir) / "results.json"
     write_json_atomic(path, record)
     return path
+
+
+# ------------------------------------------------------------------------------------- run plumbing
+def pick_device(name: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for plain fp32). auto picks cuda, then mps, then cpu; auto precision is
+    fp16 on CUDA (the frozen encoders' dtype in the official code) and fp32 elsewhere."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise SystemExit("error: --precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return device, {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def run_dir(args, method: str) -> Path:
+    """OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/, created; a results.json left by an earlier run is removed
+    first, so a run that dies midway never leaves a finished-looking file behind."""
+    path = Path(args.output) / args.protocol / method / args.calib / args.dataset / f"seed{args.seed}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").unlink(missing_ok=True)
+    return path
+
+
+@torch.no_grad()
+def text_features(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
+    """Frozen CLIP text features of hand-written prompts, L2-normalised, float32, on the model's device: (C, E)."""
+    import clip  # local import: eval.py's metrics and summaries need no model code
+
+    device = clip_model.positional_embedding.device
+    tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(device)  # (C, L)
+    feats = torch.cat([clip_model.encode_text(chunk).float() for chunk in tokens.split(batch_size)])  # (C, E)
+    return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: Callable, tuned_text_fn: Callable,
+                      clip_model, dataset: str, n_px: int, device, amp_dtype, out_dir, num_workers=None) -> tuple[dict, float]:
+    """Evaluate a trained model on every target split: ({target: {raw, ts, dac metrics}}, temperature).
+
+    The method supplies three functions: encode_fn(images) -> features (B, ...), run once per test image;
+    logits_fn(features, classnames, key) -> logits (N, C) for a class list; tuned_text_fn(classnames, key) ->
+    the method's normalised class text features (C, E), used by DAC. `key` names the dataset whose templates
+    apply ("base"/"novel" splits use the training dataset's). Temperature scaling is fitted on the few-shot
+    validation split of the training classes; DAC compares each test class's K nearest training classes under
+    the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come from the same logits.
+    """
+    import data  # local import: keeps eval.py's summary CLI independent of the data code
+
+    amp = dict(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def encode(images):
+        with torch.autocast(**amp):
+            return encode_fn(images)
+
+    def loader(items):
+        return data.test_loader(items, n_px, device=device, num_workers=num_workers)
+
+    with torch.no_grad():
+        val_features, val_labels = predict(encode, loader(train.val), device, "val (temperature)")
+        temperature = fit_temperature(logits_fn(val_features, train.classnames, dataset).float().cpu(), val_labels)
+        base_tuned = tuned_text_fn(train.classnames, dataset).float()
+        base_zs = text_features(clip_model, data.prompts(dataset, train.classnames, "kgcoop"))
+        metrics = {}
+        for name, split in targets.items():
+            key = name if name in data.DATASETS else dataset
+            features, labels = predict(encode, loader(split.test), device, name)
+            logits = logits_fn(features, split.classnames, key).float().cpu()  # (N, C)
+            factors = dac_factors(tuned_text_fn(split.classnames, key).float(),
+                                  text_features(clip_model, data.prompts(key, split.classnames, "kgcoop")),
+                                  base_tuned, base_zs).cpu()
+            metrics[name] = evaluate_split(logits, labels, temperature, factors, out_dir, name)
+            raw = metrics[name]["raw"]
+            print(f"{name:>16}: acc {raw['acc']:6.2f}  ece {raw['ece']:6.2f}  (ts {metrics[name]['ts']['ece']:6.2f}, "
+                  f"dac {metrics[name]['dac']['ece']:6.2f})  n={len(labels)}", flush=True)
+    return metrics, temperature
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+class _Inert:
+    """Stands in for any class a checkpoint pickles (optimizers' schedulers, configs): takes its arguments and
+    state and does nothing with them, so loading such a file never runs code from it."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    _allowed = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+                ("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("builtins", "slice"), ("builtins", "complex")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        return _Inert
+
+
+_inert_pickle = types.ModuleType("inert_pickle")
+_inert_pickle.Unpickler = _InertUnpickler
+_inert_pickle.load = lambda f, **kw: _InertUnpickler(f, **kw).load()
+
+
+def read_checkpoint(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a prompt checkpoint: ours (a flat dict of tensors) or one written by the official code
+    ({"state_dict": {...}, "optimizer": ..., "scheduler": <pickled objects>}).
+
+    Files with pickled objects are read with an unpickler that replaces every class it does not know by an
+    inert stand-in, so no code from the file runs; `allow_pickle=True` uses the full unpickler instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False,
+                             pickle_module=pickle if allow_pickle else _inert_pickle)
+        except Exception as e:
+            raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise SystemExit(f"error: checkpoint {path} holds no tensors (a {type(obj).__name__}); expected a prompt "
+                         f"state dict such as {{'ctx': tensor}}")
+    return tensors
+
+
+def load_prompt_state(module: torch.nn.Module, state: dict, path) -> None:
+    """Load learned prompt tensors into `module`, naming what is missing, extra or of the wrong shape."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in set(own) & set(state) if state[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        raise SystemExit(f"error: checkpoint {path} does not fit this model: missing {missing}, unexpected {extra}, "
+                         f"wrong shape {wrong} (check --n-ctx / --ctx-init and the method)")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def save_prompt(state: dict, path) -> None:
+    """Save the learned tensors (plain tensors only, loadable with weights_only=True), atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------------------ summary
