@@ -661,3 +661,39 @@ def test_loader(items: Sequence[Datum], n_px: int, batch_size: int = 100,
     """Fixed order, no augmentation, every item (device None = CUDA if available)."""
     return _loader(ImageList(items, test_transform(n_px)), batch_size, device, num_workers,
                    shuffle=False, drop_last=False)
+
+
+class FeatureViews:
+    """`--feature-cache K`: K augmented views of every training image, encoded once by a frozen image encoder.
+
+    Each epoch draws one of the K views per image and yields shuffled (features, labels) batches with the
+    same drop_last rule as `train_loader`, so training runs only the text side. A deviation from the
+    protocol (augmentation is limited to K fixed views per image), opt-in for methods whose image encoder
+    is frozen; the README's "Speed" section reports its speed-up and how far the metrics move.
+    """
+
+    def __init__(self, items: Sequence[Datum], encode_fn: Callable, n_px: int, views: int, batch_size: int,
+                 device, num_workers: int | None = None, cache: ImageCache | None = None):
+        if cache is not None:
+            cache.fill(d.impath for d in items)
+        loader = _loader(ImageList(items, train_transform(n_px), cache), 100, device, num_workers, shuffle=False)
+        feats = []
+        with torch.no_grad():
+            for _ in tqdm(range(views), desc=f"encoding {views} views", leave=False):
+                feats.append(torch.cat([encode_fn(x.to(device, non_blocking=True)) for x, _ in loader]))  # (N, E)
+        self.features = torch.stack(feats)  # (K, N, E)
+        self.labels = torch.tensor([d.label for d in items], device=self.features.device)  # (N,)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        n = self.labels.numel()
+        return n // self.batch_size if n >= self.batch_size else 1
+
+    def __iter__(self):
+        k, n, _ = self.features.shape
+        view = torch.randint(k, (n,), device=self.features.device)  # one view per image this epoch
+        order = torch.randperm(n, device=self.features.device)
+        size = min(self.batch_size, n)
+        for start in range(0, len(self) * size, size):
+            idx = order[start:start + size]
+            yield self.features[view[idx], idx], self.labels[idx]  # (B, E), (B,)
