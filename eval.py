@@ -575,6 +575,12 @@ def _summarize_group(protocol: str, demo: bool, recs: list[dict], splits, metric
                                             cols, avg_cols) for row in ba if row in na}
         quantities.insert(quantities.index("novel acc") + 1, "H")
     md = ["", f"## {tag}protocol {protocol}"]
+    if b2n and "H" in tables:  # the paper's headline layout: averages over the datasets, one row per variant
+        head = [q for q in ("base acc", "novel acc", "H", "base ece", "novel ece") if q in tables]
+        md += ["", f"### {tag}{protocol}: overview, average over {len(avg_cols)} dataset(s), mean over seeds (%)", "",
+               "| method | calib | variant | " + " | ".join(head) + " |", "|" + "---|" * (3 + len(head))]
+        md += ["| " + " | ".join([*row, *(_fmt((tables[q].get(row) or {}).get("average"), 0) for q in head)]) + " |"
+               for row in rows]
     if exclude:
         md += ["", f"Trained on {', '.join(sorted(exclude))}; the average is over the other targets."]
     header = ["method", "calib", "variant", *cols, "average"]
@@ -669,7 +675,13 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     if not Path(a.output_dir).is_dir():
         parser.error(f"OUTPUT_DIR {a.output_dir} is not a directory")
-    print(summarize(a.output_dir, a.split, a.metrics), end="")
+    text = summarize(a.output_dir, a.split, a.metrics)
+    print(text, end="")
+    # Repeat the overview tables last, where a terminal leaves them in view.
+    blocks = [b for b in text.split("\n### ") if ": overview," in b.split("\n", 1)[0]]
+    if blocks:
+        print("\n" + "\n".join("### " + b.split("\n\n###")[0].split("\n## ")[0].rstrip() + "\n" for b in blocks), end="")
+    print(f"\n(tables written to {Path(a.output_dir) / 'summary.md'} and summary.csv)")
 
 
 if __name__ == "__main__":

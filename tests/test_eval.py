@@ -284,6 +284,10 @@ def test_summarize_tables_missing_and_incomplete(tmp_path):
     ece = md_table(text, "b2n: novel ece (%), mean over seeds")
     assert ece[("coop", "none", "dac")]["dsB"] == "12.00" and ece[("coop", "ours", "ts")]["dsA"] == "4.00"
     assert list(acc) == [("coop", "none", v) for v in ("raw", "ts", "dac")] + [("coop", "ours", v) for v in ("raw", "ts", "dac")]
+    overview = md_table(text, "b2n: overview, average over 3 dataset(s)")
+    assert overview[("coop", "none", "raw")] == {"base acc": "82.00", "novel acc": "62.00",
+                                                 "H": f"{2 * 82 * 62 / 144:.2f}", "base ece": "6.00", "novel ece": "10.00"}
+    assert overview[("coop", "ours", "raw")]["base acc"] == "-"  # incomplete rows have no average
 
     assert "- coop / ours (raw, ts, dac): dsB seed 2; dsC seed 1; dsC seed 2" in text
     assert "coop / none" not in text.split("Missing runs (shown as -):")[1].split("###")[0]
