@@ -432,7 +432,7 @@ def load_prompt_state(module: torch.nn.Module, state: dict, path) -> None:
              for k in set(own) & set(state) if state[k].shape != own[k].shape]
     if missing or extra or wrong:
         raise SystemExit(f"error: checkpoint {path} does not fit this model: missing {missing}, unexpected {extra}, "
-                         f"wrong shape {wrong} (check --n-ctx / --ctx-init and the method)")
+                         f"wrong shape {wrong} (check the method and its prompt options: --n-ctx, --ctx-init, prompt depth)")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
