@@ -1,0 +1,319 @@
+"""KgCoOp: Visual-Language Prompt Tuning with Knowledge-guided Context Optimization (Yao et al., CVPR 2023)
+https://arxiv.org/abs/2303.13283
+
+KgCoOp is CoOp with one extra loss term that keeps the learned prompts close to the hand-written one:
+each class's tuned text feature w_c is pulled towards the frozen zero-shot feature w0_c of the dataset's
+KgCoOp template (REFERENCE.md section 7, e.g. "a photo of a {}, a type of pet."),
+
+    loss = CE + kg_weight * (1 - mean_c cos(w_c, w0_c)),   kg_weight = 8.0,
+
+so the prompts forget less of CLIP's general knowledge and transfer better to novel classes. The context
+always starts from the 4 token embeddings of "a photo of a" (--n-ctx is ignored, as in the official code).
+
+With --calib ours the loss gains the two regularizers of "Towards Calibrating Prompt Tuning of
+Vision-Language Models" (CVPR 2026): the mean-variance margin penalty on the training logits and text
+moment matching to frozen zero-shot text features (losses.py); other values select the baselines.
+
+Example:
+    python methods/kgcoop.py --dataset oxford_pets --root data --seed 1 --calib ours
+
+Recipe (defaults): DAC's ViT-B/16 setting, 4 context vectors from "a photo of a", class token at the end,
+200 epochs, batch 32, SGD lr 0.002 (momentum 0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then a
+per-epoch cosine schedule, kg_weight 8.0 (REFERENCE.md sections 5-6).
+
+Deviations from the official code:
+- The frozen features w0 are computed in fp32 from an fp32 copy of the text tower; the official code
+  computes them with an fp16 CLIP (a known defect: the teacher is rounded to fp16).
+- The context vectors are trained in fp32 and only the frozen encoders run in fp16/bf16 under autocast;
+  the official code keeps the prompts in fp16 and steps fp16 parameters directly.
+- The image encoder is frozen, so test-set image features are computed once per split and reused by
+  every classifier and post-hoc variant; training images still go through the encoder every step
+  (fresh augmentation), unless --feature-cache asks for precomputed views.
+- The checkpoint holds only the learned tensors (`ctx`); token_prefix/token_suffix are rebuilt from the
+  class names, so one checkpoint serves any class list. Official checkpoints load too: their prompt
+  learner also holds `bias_vectors` and `meta_net.*`, registered but never trained or used, which --load
+  skips with a notice.
+- --calib ours matches moments to the CoOp-template W0 like every method; the KgCoOp term keeps its own
+  KgCoOp-template w0 (the two templates differ only for DTD).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import clip  # noqa: E402
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import losses  # noqa: E402
+
+METHOD = "kgcoop"
+CTX_INIT = "a photo of a"  # KgCoOp's initialisation, forced whatever --n-ctx says (as the official code)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
+    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
+    p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
+                   help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
+                        "test on its variants and the other datasets")
+    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot draw and the training")
+    p.add_argument("--shots", type=int, default=16, help="training images per class")
+    p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
+    p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (the first is the warm-up epoch)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.002, help="peak learning rate of the cosine schedule")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
+    p.add_argument("--n-ctx", type=int, default=len(CTX_INIT.split()),
+                   help=f'ignored: KgCoOp always starts from the {len(CTX_INIT.split())} tokens of "{CTX_INIT}"')
+    p.add_argument("--kg-weight", type=float, default=8.0,
+                   help="weight of the knowledge-guided term 1 - mean_c cos(w_c, w0_c) (lambda in the paper)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.py's choice)")
+    p.add_argument("--image-cache-gb", type=float, default=2.0,
+                   help="keep decoded training images in memory up to this size (augmentation still runs every epoch)")
+    p.add_argument("--feature-cache", type=int, default=0, metavar="K",
+                   help="opt-in speed-up, a deviation from the protocol: encode K augmented views per training "
+                        "image once and draw one per epoch (0 = off: fresh augmentation every step)")
+    p.add_argument("--checkpoint-text", action="store_true",
+                   help="activation checkpointing in the text encoder: far less memory for many classes, "
+                        "same gradients, about a third more text-side compute")
+    p.add_argument("--eval-only", action="store_true", help="skip training and evaluate the prompt given by --load")
+    p.add_argument("--load", default=None, help="prompt checkpoint to evaluate (ours, or the official CoOp code's)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow --load to unpickle arbitrary objects (only for files you trust)")
+    losses.add_calibration_args(p)
+    return p.parse_args(argv)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer run on prompt embeddings instead of token ids."""
+
+    def __init__(self, clip_model, checkpoint_blocks: bool = False):
+        super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
+        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (C, L, D)
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        for block in self.transformer.resblocks:
+            # With --checkpoint-text only each block's input is kept; its activations are recomputed in backward.
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and x.requires_grad else block(x)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        x = self.ln_final(x).type(self.dtype)
+        # The feature is read at the end-of-text token, which has the largest id in every prompt.
+        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection  # (C, E)
+
+
+class PromptLearner(nn.Module):
+    """4 context vectors shared by all classes, initialised from "a photo of a", placed between SOS and
+    "{class}." (class token at the end)."""
+
+    def __init__(self, args, classnames: list[str], clip_model):
+        super().__init__()
+        if args.n_ctx != len(CTX_INIT.split()):
+            print(f'note: --n-ctx {args.n_ctx} is ignored; KgCoOp starts from the tokens of "{CTX_INIT}"',
+                  file=sys.stderr)
+        tokens = clip.tokenize(CTX_INIT, context_length=clip_model.context_length)[0]  # (L,)
+        n_ctx = int(tokens.argmax()) - 1  # BPE tokens between SOS and EOT (EOT has the largest id)
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
+        ctx_vectors = embedding[1:1 + n_ctx].float()  # (n_ctx, D)
+        prompt_prefix = CTX_INIT
+        self.ctx = nn.Parameter(ctx_vectors.to(clip_model.positional_embedding.device))  # (n_ctx, D), fp32
+        self.n_ctx, self.prompt_prefix = n_ctx, prompt_prefix
+        self.set_classnames(classnames, clip_model)
+
+    @torch.no_grad()
+    def set_classnames(self, classnames: list[str], clip_model) -> None:
+        """Rebuild the fixed token buffers for a class list (base classes for training, any list for testing)."""
+        prompts = [f"{self.prompt_prefix} {data.clean_classname(name)}." for name in classnames]
+        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length).to(self.ctx.device)  # (C, L)
+        embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)  # (C, L, D)
+        # Not persistent: a checkpoint holds only the learned tensors; these are rebuilt from the names.
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # (C, 1, D) SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)  # (C, L-1-n_ctx, D)
+        self.tokenized_prompts = tokenized
+        self.n_cls = len(classnames)
+
+    def forward(self) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)  # (C, n_ctx, D)
+        return torch.cat([self.token_prefix.type(ctx.dtype), ctx, self.token_suffix.type(ctx.dtype)], dim=1)  # (C, L, D)
+
+
+class CustomCLIP(nn.Module):
+    def __init__(self, args, classnames: list[str], clip_model):
+        super().__init__()
+        self.prompt_learner = PromptLearner(args, classnames, clip_model)
+        self.image_encoder = clip_model.visual
+        self.text_encoder = TextEncoder(clip_model, args.checkpoint_text)
+        self.logit_scale = clip_model.logit_scale
+        self.dtype = clip_model.dtype
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_encoder(images.type(self.dtype)).float(), dim=-1)  # (B, E)
+
+    def text_features(self) -> torch.Tensor:
+        prompts = self.prompt_learner()  # (C, L, D)
+        return F.normalize(self.text_encoder(prompts, self.prompt_learner.tokenized_prompts).float(), dim=-1)  # (C, E)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from normalised image features (B, E): the image encoder is frozen, so callers
+        compute the features once and pass them in."""
+        return self.logit_scale.exp().float() * image_features @ self.text_features().t()
+
+
+@torch.no_grad()
+def frozen_text_features_fp32(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
+    """CLIP text features of hand-written prompts computed in fp32, L2-normalised: (C, E).
+
+    The frozen CLIP may be held in fp16/bf16 for speed; the features KgCoOp pulls towards are computed
+    once, so they come from a temporary fp32 copy of the text tower (the official code's fp16 teacher is
+    a known defect). The token embedding rows are exact in fp32, so only the arithmetic changes.
+    """
+    encoder = copy.deepcopy(TextEncoder(clip_model)).float()  # text tower only: transformer, ln_final, projection
+    encoder.dtype = torch.float32
+    tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(clip_model.positional_embedding.device)
+    feats = [encoder(clip_model.token_embedding(chunk).float(), chunk) for chunk in tokens.split(batch_size)]  # (c, E)
+    return F.normalize(torch.cat(feats).float(), dim=-1)  # (C, E)
+
+
+def knowledge_guidance(text_features: torch.Tensor, frozen_text_features: torch.Tensor) -> torch.Tensor:
+    """KgCoOp's knowledge-guided term L_kg = 1 - mean_c cos(w_c, w0_c) between the tuned (C, E) and frozen (C, E)
+    class text features; 0 when the prompts equal the template. The paper writes it as the mean squared
+    Euclidean distance of the normalised features, 2 * (1 - cos); the official code (whose weight 8.0 we
+    keep) and REFERENCE.md use 1 - cos."""
+    return 1 - F.cosine_similarity(text_features, frozen_text_features, dim=-1).mean()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    run_dir = evaluation.run_dir(args, METHOD)
+
+    # Data: the few-shot training split and the test splits of the protocol (all checked before training).
+    train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
+    clip_model, _ = clip.load(args.backbone, device=device)
+    clip_model = clip_model.to(amp_dtype or torch.float32)
+    n_px = clip_model.visual.input_resolution
+    print(f"{METHOD} on {args.dataset} ({args.protocol}): {len(train.classnames)} training classes, "
+          f"{len(train.train)} training images, device {device}, precision {amp_dtype or torch.float32}")
+
+    # Model: only the prompt learner trains.
+    model = CustomCLIP(args, train.classnames, clip_model).to(device)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("prompt_learner."))
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    if args.load:
+        state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
+        state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
+        unused = sorted(k for k in state if k == "bias_vectors" or k.startswith("meta_net."))
+        if unused:  # the official prompt learner registers these but never trains or uses them
+            print(f"note: ignoring {', '.join(unused)} from {args.load} (not part of KgCoOp)", file=sys.stderr)
+        state = {k: v for k, v in state.items() if k not in unused}
+        evaluation.load_prompt_state(model.prompt_learner, state, args.load)
+
+    # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
+    zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
+    # KgCoOp's w0: frozen fp32 features of the KgCoOp template for the training classes, computed once.
+    kg_text = frozen_text_features_fp32(clip_model, data.prompts(args.dataset, train.classnames, "kgcoop"))  # (C, E)
+
+    train_time = 0.0
+    if not args.eval_only:
+        cache = data.ImageCache(int(args.image_cache_gb * 2**30))
+        if args.feature_cache:  # K pre-encoded augmented views per image: training runs only the text side
+            loader = data.FeatureViews(train.train, model.image_features, n_px, args.feature_cache, args.batch_size,
+                                       device, args.workers, cache)
+        else:
+            loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        t0 = time.time()
+        for epoch in range(args.epochs):
+            lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            for batch, labels in loader:
+                batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.autocast(**amp):
+                    with torch.no_grad():  # the image encoder is frozen; batch holds features with --feature-cache
+                        image_features = batch if args.feature_cache else model.image_features(batch)  # (B, E)
+                    text_features = model.text_features()  # (C, E)
+                logits = model.logit_scale.exp().float() * image_features @ text_features.t()  # (B, C), fp32
+                zs_logits = model.logit_scale.exp().float() * image_features @ zs_text.t() \
+                    if losses.needs_zs_logits(args.calib) else None  # (B, C)
+                loss = (F.cross_entropy(logits, labels)
+                        + args.kg_weight * knowledge_guidance(text_features, kg_text)  # KgCoOp's own term
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum()
+                seen += len(labels)
+            epoch_loss, epoch_acc = (loss_sum / seen).item(), (100 * correct / seen).item()  # one sync per epoch
+            if not math.isfinite(epoch_loss):
+                sys.exit(f"error: the training loss became {epoch_loss} in epoch {epoch + 1}; stopping without "
+                         f"writing results (try --precision fp32 or a lower --lr)")
+            print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  loss {epoch_loss:.4f}  "
+                  f"train acc {epoch_acc:6.2f}  {time.time() - t0:7.1f}s", flush=True)
+        train_time = time.time() - t0
+        evaluation.save_prompt(model.prompt_learner.state_dict(), run_dir / "prompt.pt")
+
+    # Evaluation: each test image is encoded once per split; raw, TS and DAC come from the same features.
+    model.eval()
+
+    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+        model.prompt_learner.set_classnames(classnames, clip_model)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(features.to(device))  # (N, C)
+
+    def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
+        model.prompt_learner.set_classnames(classnames, clip_model)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model.text_features()
+
+    t0 = time.time()
+    metrics, temperature = evaluation.evaluate_protocol(
+        train, targets, encode_fn=model.image_features, logits_fn=logits_fn, tuned_text_fn=tuned_text_fn,
+        clip_model=clip_model, dataset=args.dataset, n_px=n_px, device=device, amp_dtype=amp_dtype,
+        out_dir=run_dir, num_workers=args.workers)
+    timings = {"train_s": train_time, "eval_s": time.time() - t0, "total_s": time.time() - started}
+    evaluation.write_results(run_dir, method=METHOD, args=args, metrics=metrics, temperature=temperature,
+                             timings=timings)
+
+
+if __name__ == "__main__":
+    main()
