@@ -1,0 +1,365 @@
+"""ProGrad: Prompt-aligned Gradient for Prompt Tuning (Zhu et al., ICCV 2023), https://arxiv.org/abs/2205.14865
+
+ProGrad is CoOp trained so that the prompts never move against CLIP's zero-shot knowledge. A frozen
+zero-shot CLIP (dataset template, REFERENCE.md section 7 column "ProGrad") is the teacher. Each step takes
+two gradients of the context vectors: g_ce of the cross-entropy and g_kd of the distillation loss
+L_kd = CE(softmax(teacher / T), student / T) * T^2 at T = 1 (soft-target cross-entropy, which differs from
+KL(teacher || student) only by the teacher's entropy, a constant, so the gradients are the same). Per
+parameter, when cos(g_ce, g_kd) < 0, the component of g_ce along g_kd is removed:
+g = g_ce - lambda * (g_ce . g_kd / ||g_kd||^2) g_kd (lambda = 1: g is then orthogonal to g_kd); otherwise
+g = g_ce. Only g steps the optimiser: L_kd shapes the direction but is never descended on its own.
+The 16 context vectors start at zero except the last k, which hold the token embeddings of the
+template's phrase before "{}" ("a photo of a" for most datasets, "a type of pet, a photo of a" for
+OxfordPets).
+
+With --calib ours the loss gains the two regularizers of "Towards Calibrating Prompt Tuning of
+Vision-Language Models" (CVPR 2026): the mean-variance margin penalty on the training logits and text
+moment matching to frozen zero-shot text features (losses.py); other values select the baselines. The
+calibration term is added to the cross-entropy side of the projection: it is part of the task loss that
+ProGrad keeps aligned with the teacher, so it is projected together with the CE gradient.
+
+Example:
+    python methods/prograd.py --dataset oxford_pets --root data --seed 1 --calib ours
+
+Recipe (defaults): DAC's ViT-B/16 setting, 16 context vectors (zeros + template phrase), class token at
+the end, 100 epochs, batch 32, SGD lr 0.002 (momentum 0.9, weight decay 5e-4, applied after the
+projection), one warm-up epoch at 1e-5, then a per-epoch cosine schedule, T = 1, lambda = 1
+(REFERENCE.md sections 5-6).
+
+Deviations from the official code:
+- The whole phrase fills the last k context vectors, k counted in BPE tokens (9 for "a type of pet, a
+  photo of a"). The official code counts space-separated words w (8: "pet," is one word, two tokens),
+  so for OxfordPets, Flowers, Aircraft and Food101 it starts from 16 - w zeros, learns only the first w
+  phrase tokens and keeps the last one ("a", for Food101 "of") as a fixed word before the class name.
+  Official checkpoints of those four datasets load (same shape), but they were trained with that extra
+  fixed word, so they evaluate slightly differently here.
+- Every ProGrad template in REFERENCE.md ends with " {}."; for a template with words after "{}", the
+  phrase is the text before it and the words after it are left out (a notice is printed), because the
+  class token stays at the end as in CoOp.
+- The teacher's text features are computed once, in fp32 from an fp32 copy of the text tower. Its image
+  features are the student's (the same frozen image encoder): the official teacher re-encodes every
+  batch with a second, fp32 copy of CLIP, which differs only by the fp16 rounding of the frozen encoder
+  (none with --precision fp32) and costs a second image forward per step.
+- The context vectors are trained in fp32 and only the frozen encoders run in fp16/bf16 under autocast;
+  the official code keeps the prompts in fp16 and steps fp16 parameters directly.
+- The image encoder is frozen, so test-set image features are computed once per split and reused by
+  every classifier and post-hoc variant; training images still go through the encoder every step
+  (fresh augmentation), unless --feature-cache asks for precomputed views.
+- The checkpoint holds only the learned tensors (`ctx`); token_prefix/token_suffix are rebuilt from the
+  class names, so one checkpoint serves any class list (official checkpoints load too).
+- Only the "end" class position is implemented (the official "middle" branch references an undefined name).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import clip  # noqa: E402
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import losses  # noqa: E402
+
+METHOD = "prograd"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
+    p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
+    p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
+                   help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
+                        "test on its variants and the other datasets")
+    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot draw and the training")
+    p.add_argument("--shots", type=int, default=16, help="training images per class")
+    p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
+    p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs (the first is the warm-up epoch)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.002, help="peak learning rate of the cosine schedule")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
+    p.add_argument("--n-ctx", type=int, default=16, help="number of context vectors")
+    p.add_argument("--ctx-init", default="template",
+                   help='phrase whose token embeddings fill the last context vectors (the others start at zero); '
+                        '"template" = the dataset\'s ProGrad template before "{}", e.g. "a photo of a"; '
+                        '"" = random N(0, 0.02) as in CoOp')
+    p.add_argument("--prograd-lambda", type=float, default=1.0,
+                   help="share of the conflicting component removed from the CE gradient (1 = all of it)")
+    p.add_argument("--kd-temperature", type=float, default=1.0,
+                   help="distillation temperature T of L_kd = T^2 * CE(softmax(teacher / T), student / T)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.py's choice)")
+    p.add_argument("--image-cache-gb", type=float, default=2.0,
+                   help="keep decoded training images in memory up to this size (augmentation still runs every epoch)")
+    p.add_argument("--feature-cache", type=int, default=0, metavar="K",
+                   help="opt-in speed-up, a deviation from the protocol: encode K augmented views per training "
+                        "image once and draw one per epoch (0 = off: fresh augmentation every step)")
+    p.add_argument("--checkpoint-text", action="store_true",
+                   help="activation checkpointing in the text encoder: far less memory for many classes, "
+                        "same gradients, about a third more text-side compute")
+    p.add_argument("--eval-only", action="store_true", help="skip training and evaluate the prompt given by --load")
+    p.add_argument("--load", default=None, help="prompt checkpoint to evaluate (ours, or the official CoOp code's)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow --load to unpickle arbitrary objects (only for files you trust)")
+    losses.add_calibration_args(p)
+    return p.parse_args(argv)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer run on prompt embeddings instead of token ids."""
+
+    def __init__(self, clip_model, checkpoint_blocks: bool = False):
+        super().__init__()
+        self.checkpoint_blocks = checkpoint_blocks
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
+        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (C, L, D)
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        for block in self.transformer.resblocks:
+            # With --checkpoint-text only each block's input is kept; its activations are recomputed in backward.
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and x.requires_grad else block(x)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        x = self.ln_final(x).type(self.dtype)
+        # The feature is read at the end-of-text token, which has the largest id in every prompt.
+        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection  # (C, E)
+
+
+def template_phrase(template: str) -> str:
+    """ProGrad's initial phrase: the template's text before "{}", e.g. "a type of pet, a photo of a {}." ->
+    "a type of pet, a photo of a". Words after "{}" cannot follow the context (the class token is at the end),
+    so they are left out with a notice; no template of REFERENCE.md section 7 has any."""
+    head, found, tail = template.partition("{}")
+    if not found:
+        raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+    if tail.strip() not in ("", "."):
+        print(f"note: ProGrad's initial phrase leaves out {tail.strip()!r}, which follows the class name in "
+              f"{template!r}", file=sys.stderr)
+    return head.strip()
+
+
+class PromptLearner(nn.Module):
+    """n_ctx context vectors shared by all classes, placed between SOS and "{class}." (class token at the end);
+    zeros except the last k, which start as the k token embeddings of the template phrase."""
+
+    def __init__(self, args, classnames: list[str], clip_model):
+        super().__init__()
+        ctx_dim = clip_model.ln_final.weight.shape[0]
+        n_ctx = args.n_ctx
+        if args.ctx_init:
+            phrase = template_phrase(data.template(args.dataset, "prograd")) if args.ctx_init == "template" \
+                else args.ctx_init.replace("_", " ")
+            tokens = clip.tokenize(phrase, context_length=clip_model.context_length)[0]  # (L,)
+            k = int(tokens.argmax()) - 1  # BPE tokens between SOS and EOT (EOT has the largest id)
+            if k > n_ctx:
+                raise SystemExit(f"error: --n-ctx {n_ctx} is shorter than the {k} tokens of the initial phrase "
+                                 f"{phrase!r}; raise --n-ctx or pass a shorter --ctx-init")
+            with torch.no_grad():
+                embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
+            ctx_vectors = torch.zeros(n_ctx, ctx_dim, device=embedding.device)
+            ctx_vectors[n_ctx - k:] = embedding[1:1 + k].float()  # (k, D) at the end, next to the class name
+            print(f'initial context: {n_ctx - k} zero vectors + "{phrase}" ({k} tokens)')
+        else:
+            ctx_vectors = torch.empty(n_ctx, ctx_dim)
+            nn.init.normal_(ctx_vectors, std=0.02)
+        prompt_prefix = " ".join(["X"] * n_ctx)  # placeholders: only the suffix after them is kept
+        self.ctx = nn.Parameter(ctx_vectors.to(clip_model.positional_embedding.device))  # (n_ctx, D), fp32
+        self.n_ctx, self.prompt_prefix = n_ctx, prompt_prefix
+        self.set_classnames(classnames, clip_model)
+
+    @torch.no_grad()
+    def set_classnames(self, classnames: list[str], clip_model) -> None:
+        """Rebuild the fixed token buffers for a class list (base classes for training, any list for testing)."""
+        prompts = [f"{self.prompt_prefix} {data.clean_classname(name)}." for name in classnames]
+        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length).to(self.ctx.device)  # (C, L)
+        embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)  # (C, L, D)
+        # Not persistent: a checkpoint holds only the learned tensors; these are rebuilt from the names.
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # (C, 1, D) SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)  # (C, L-1-n_ctx, D)
+        self.tokenized_prompts = tokenized
+        self.n_cls = len(classnames)
+
+    def forward(self) -> torch.Tensor:
+        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)  # (C, n_ctx, D)
+        return torch.cat([self.token_prefix.type(ctx.dtype), ctx, self.token_suffix.type(ctx.dtype)], dim=1)  # (C, L, D)
+
+
+class CustomCLIP(nn.Module):
+    def __init__(self, args, classnames: list[str], clip_model):
+        super().__init__()
+        self.prompt_learner = PromptLearner(args, classnames, clip_model)
+        self.image_encoder = clip_model.visual
+        self.text_encoder = TextEncoder(clip_model, args.checkpoint_text)
+        self.logit_scale = clip_model.logit_scale
+        self.dtype = clip_model.dtype
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_encoder(images.type(self.dtype)).float(), dim=-1)  # (B, E)
+
+    def text_features(self) -> torch.Tensor:
+        prompts = self.prompt_learner()  # (C, L, D)
+        return F.normalize(self.text_encoder(prompts, self.prompt_learner.tokenized_prompts).float(), dim=-1)  # (C, E)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from normalised image features (B, E): the image encoder is frozen, so callers
+        compute the features once and pass them in."""
+        return self.logit_scale.exp().float() * image_features @ self.text_features().t()
+
+
+@torch.no_grad()
+def frozen_text_features_fp32(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
+    """CLIP text features of hand-written prompts computed in fp32, L2-normalised: (C, E).
+
+    The frozen CLIP may be held in fp16/bf16 for speed; the teacher's features are computed once, so they
+    come from a temporary fp32 copy of the text tower, as the official teacher is an fp32 CLIP. The token
+    embedding rows are exact in fp32, so only the arithmetic changes.
+    """
+    encoder = copy.deepcopy(TextEncoder(clip_model)).float()  # text tower only: transformer, ln_final, projection
+    encoder.dtype = torch.float32
+    tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(clip_model.positional_embedding.device)
+    feats = [encoder(clip_model.token_embedding(chunk).float(), chunk) for chunk in tokens.split(batch_size)]  # (c, E)
+    return F.normalize(torch.cat(feats).float(), dim=-1)  # (C, E)
+
+
+def project_gradient(g_ce: torch.Tensor, g_kd: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """ProGrad's prompt-aligned update direction for one parameter.
+
+    If g_ce conflicts with the teacher's gradient (cos(g_ce, g_kd) < 0), remove lam times its component
+    along g_kd: g_ce - lam * (g_ce . u) u with u = g_kd / ||g_kd||; otherwise return g_ce unchanged. The
+    test is a tensor op (torch.where), so no host sync; a zero g_kd never conflicts.
+    """
+    unit = g_kd / g_kd.norm().clamp_min(torch.finfo(g_kd.dtype).tiny)  # direction of g_kd (0 if g_kd = 0)
+    along = (g_ce * unit).sum()  # g_ce . u, negative exactly when cos(g_ce, g_kd) < 0
+    return g_ce - lam * torch.where(along < 0, along, torch.zeros_like(along)) * unit
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    run_dir = evaluation.run_dir(args, METHOD)
+
+    # Data: the few-shot training split and the test splits of the protocol (all checked before training).
+    train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
+    clip_model, _ = clip.load(args.backbone, device=device)
+    clip_model = clip_model.to(amp_dtype or torch.float32)
+    n_px = clip_model.visual.input_resolution
+    print(f"{METHOD} on {args.dataset} ({args.protocol}): {len(train.classnames)} training classes, "
+          f"{len(train.train)} training images, device {device}, precision {amp_dtype or torch.float32}")
+
+    # Model: only the prompt learner trains.
+    model = CustomCLIP(args, train.classnames, clip_model).to(device)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("prompt_learner."))
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    if args.load:
+        state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
+        state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
+        evaluation.load_prompt_state(model.prompt_learner, state, args.load)
+
+    # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
+    zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
+    # The teacher: frozen zero-shot CLIP with the ProGrad template, text features in fp32, computed once.
+    teacher_text = frozen_text_features_fp32(clip_model, data.prompts(args.dataset, train.classnames, "prograd"))
+
+    train_time = 0.0
+    if not args.eval_only:
+        cache = data.ImageCache(int(args.image_cache_gb * 2**30))
+        if args.feature_cache:  # K pre-encoded augmented views per image: training runs only the text side
+            loader = data.FeatureViews(train.train, model.image_features, n_px, args.feature_cache, args.batch_size,
+                                       device, args.workers, cache)
+        else:
+            loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+        t0 = time.time()
+        for epoch in range(args.epochs):
+            lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen = 0
+            for batch, labels in loader:
+                batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with torch.autocast(**amp):
+                    with torch.no_grad():  # the image encoder is frozen; batch holds features with --feature-cache
+                        image_features = batch if args.feature_cache else model.image_features(batch)  # (B, E)
+                    text_features = model.text_features()  # (C, E)
+                logits = model.logit_scale.exp().float() * image_features @ text_features.t()  # (B, C), fp32
+                zs_logits = model.logit_scale.exp().float() * image_features @ zs_text.t() \
+                    if losses.needs_zs_logits(args.calib) else None  # (B, C)
+                teacher_logits = model.logit_scale.exp().float() * image_features @ teacher_text.t()  # (B, C), fp32
+                T = args.kd_temperature
+                # The task side: CE (+ the calibration term, which ProGrad keeps aligned with the teacher too).
+                loss = F.cross_entropy(logits, labels) + losses.calibration(
+                    args.calib, logits, labels, text_features, zs_text, zs_logits, **losses.calibration_kwargs(args))
+                # The teacher side: soft-target cross-entropy to the zero-shot predictions (T^2 keeps its scale).
+                loss_kd = F.cross_entropy(logits / T, F.softmax(teacher_logits / T, dim=1)) * T * T
+                # Two backward passes, then per parameter drop the part of g_ce that goes against g_kd.
+                g_ce = torch.autograd.grad(loss, params, retain_graph=True)
+                g_kd = torch.autograd.grad(loss_kd, params)
+                for param, g_task, g_teacher in zip(params, g_ce, g_kd):
+                    param.grad = project_gradient(g_task, g_teacher, args.prograd_lambda)
+                optimizer.step()  # weight decay and momentum act on the projected gradient
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum()
+                seen += len(labels)
+            epoch_loss, epoch_acc = (loss_sum / seen).item(), (100 * correct / seen).item()  # one sync per epoch
+            if not math.isfinite(epoch_loss):
+                sys.exit(f"error: the training loss became {epoch_loss} in epoch {epoch + 1}; stopping without "
+                         f"writing results (try --precision fp32 or a lower --lr)")
+            print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  loss {epoch_loss:.4f}  "
+                  f"train acc {epoch_acc:6.2f}  {time.time() - t0:7.1f}s", flush=True)
+        train_time = time.time() - t0
+        evaluation.save_prompt(model.prompt_learner.state_dict(), run_dir / "prompt.pt")
+
+    # Evaluation: each test image is encoded once per split; raw, TS and DAC come from the same features.
+    model.eval()
+
+    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+        model.prompt_learner.set_classnames(classnames, clip_model)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(features.to(device))  # (N, C)
+
+    def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
+        model.prompt_learner.set_classnames(classnames, clip_model)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model.text_features()
+
+    t0 = time.time()
+    metrics, temperature = evaluation.evaluate_protocol(
+        train, targets, encode_fn=model.image_features, logits_fn=logits_fn, tuned_text_fn=tuned_text_fn,
+        clip_model=clip_model, dataset=args.dataset, n_px=n_px, device=device, amp_dtype=amp_dtype,
+        out_dir=run_dir, num_workers=args.workers)
+    timings = {"train_s": train_time, "eval_s": time.time() - t0, "total_s": time.time() - started}
+    evaluation.write_results(run_dir, method=METHOD, args=args, metrics=metrics, temperature=temperature,
+                             timings=timings)
+
+
+if __name__ == "__main__":
+    main()
