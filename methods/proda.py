@@ -388,7 +388,9 @@ def main(argv=None) -> None:
     def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(features.to(device))  # (N, C)
+            text_features = model.text_features()  # (C, E)
+        # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
+        return model.logit_scale.exp().float() * features.to(device) @ text_features.float().t()  # (N, C)
 
     def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
