@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import json
@@ -313,14 +314,20 @@ def run_dir(args, method: str) -> Path:
 
 
 @torch.no_grad()
-def text_features(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
-    """Frozen CLIP text features of hand-written prompts, L2-normalised, float32, on the model's device: (C, E)."""
+def text_features(clip_model, prompts: list[str], batch_size: int = 500, fp32: bool = False,
+                  normalize: bool = True) -> torch.Tensor:
+    """Frozen CLIP text features of hand-written prompts, float32, on the model's device: (C, E), L2-normalised
+    unless normalize=False. fp32=True computes them with a temporary fp32 copy of the model when it is held in
+    fp16/bf16 (for targets a method is pulled towards; the official code's fp16 teachers are a known defect)."""
     import clip  # local import: eval.py's metrics and summaries need no model code
 
+    if fp32 and clip_model.dtype != torch.float32:
+        clip_model = copy.deepcopy(clip_model).float()  # once per call; the features are computed once per run
     device = clip_model.positional_embedding.device
     tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(device)  # (C, L)
-    feats = torch.cat([clip_model.encode_text(chunk).float() for chunk in tokens.split(batch_size)])  # (C, E)
-    return torch.nn.functional.normalize(feats, dim=-1)
+    with torch.autocast(device.type, enabled=False):  # the model's own dtype decides the precision
+        feats = torch.cat([clip_model.encode_text(chunk).float() for chunk in tokens.split(batch_size)])  # (C, E)
+    return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
 
 def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: Callable, tuned_text_fn: Callable,

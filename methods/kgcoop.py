@@ -39,7 +39,6 @@ Deviations from the official code:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -186,20 +185,6 @@ class CustomCLIP(nn.Module):
 
 
 @torch.no_grad()
-def frozen_text_features_fp32(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
-    """CLIP text features of hand-written prompts computed in fp32, L2-normalised: (C, E).
-
-    The frozen CLIP may be held in fp16/bf16 for speed; the features KgCoOp pulls towards are computed
-    once, so they come from a temporary fp32 copy of the text tower (the official code's fp16 teacher is
-    a known defect). The token embedding rows are exact in fp32, so only the arithmetic changes.
-    """
-    encoder = copy.deepcopy(TextEncoder(clip_model)).float()  # text tower only: transformer, ln_final, projection
-    encoder.dtype = torch.float32
-    tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(clip_model.positional_embedding.device)
-    feats = [encoder(clip_model.token_embedding(chunk).float(), chunk) for chunk in tokens.split(batch_size)]  # (c, E)
-    return F.normalize(torch.cat(feats).float(), dim=-1)  # (C, E)
-
-
 def knowledge_guidance(text_features: torch.Tensor, frozen_text_features: torch.Tensor) -> torch.Tensor:
     """KgCoOp's knowledge-guided term L_kg = 1 - mean_c cos(w_c, w0_c) between the tuned (C, E) and frozen (C, E)
     class text features; 0 when the prompts equal the template. The paper writes it as the mean squared
@@ -243,7 +228,7 @@ def main(argv=None) -> None:
     # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
     zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
     # KgCoOp's w0: frozen fp32 features of the KgCoOp template for the training classes, computed once.
-    kg_text = frozen_text_features_fp32(clip_model, data.prompts(args.dataset, train.classnames, "kgcoop"))  # (C, E)
+    kg_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "kgcoop"), fp32=True)  # (C, E)
 
     train_time = 0.0
     if not args.eval_only:

@@ -52,7 +52,6 @@ Deviations from the official code:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -226,20 +225,6 @@ class CustomCLIP(nn.Module):
 
 
 @torch.no_grad()
-def frozen_text_features_fp32(clip_model, prompts: list[str], batch_size: int = 500) -> torch.Tensor:
-    """CLIP text features of hand-written prompts computed in fp32, L2-normalised: (C, E).
-
-    The frozen CLIP may be held in fp16/bf16 for speed; the teacher's features are computed once, so they
-    come from a temporary fp32 copy of the text tower, as the official teacher is an fp32 CLIP. The token
-    embedding rows are exact in fp32, so only the arithmetic changes.
-    """
-    encoder = copy.deepcopy(TextEncoder(clip_model)).float()  # text tower only: transformer, ln_final, projection
-    encoder.dtype = torch.float32
-    tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(clip_model.positional_embedding.device)
-    feats = [encoder(clip_model.token_embedding(chunk).float(), chunk) for chunk in tokens.split(batch_size)]  # (c, E)
-    return F.normalize(torch.cat(feats).float(), dim=-1)  # (C, E)
-
-
 def project_gradient(g_ce: torch.Tensor, g_kd: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """ProGrad's prompt-aligned update direction for one parameter.
 
@@ -283,7 +268,7 @@ def main(argv=None) -> None:
     # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
     zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
     # The teacher: frozen zero-shot CLIP with the ProGrad template, text features in fp32, computed once.
-    teacher_text = frozen_text_features_fp32(clip_model, data.prompts(args.dataset, train.classnames, "prograd"))
+    teacher_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "prograd"), fp32=True)
 
     train_time = 0.0
     if not args.eval_only:

@@ -48,7 +48,6 @@ Deviations from the official code:
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import random
@@ -300,19 +299,12 @@ class CustomCLIP(nn.Module):
 
 
 @torch.no_grad()
-def ensemble_text_features(clip_model, classnames: list[str], templates: list[str], batch_size: int = 500):
+def ensemble_text_features(clip_model, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """w_ens (C, E): frozen CLIP's text features, unnormalised and in fp32, averaged over the templates, then
-    normalised (PromptSRC's text target, computed once). The text tower is copied to fp32 for this."""
-    encoder = copy.deepcopy(TextEncoder(clip_model)).float()
-    encoder.dtype = torch.float32
-    device = clip_model.positional_embedding.device
-    total = torch.zeros(len(classnames), clip_model.text_projection.shape[1], device=device)  # (C, E)
-    for template in templates:
-        prompts = [template.format(data.clean_classname(name)) for name in classnames]
-        tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(device)  # (C, L)
-        total += torch.cat([encoder(clip_model.token_embedding(chunk).float(), chunk)
-                            for chunk in tokens.split(batch_size)])  # (C, E)
-    return F.normalize(total / len(templates), dim=-1)
+    normalised (PromptSRC's text target, computed once)."""
+    prompts = [t.format(data.clean_classname(name)) for t in templates for name in classnames]  # T*C, template-major
+    feats = evaluation.text_features(clip_model, prompts, fp32=True, normalize=False)  # (T*C, E)
+    return F.normalize(feats.view(len(templates), len(classnames), -1).mean(dim=0), dim=-1)  # (C, E)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import clip
 import data
+import eval as evaluation
 from conftest import run_script
 from test_coop import COMMON, check_results, load_method
 
@@ -61,10 +62,10 @@ def test_kg_term_is_zero_at_initialisation_when_the_prompt_is_the_template(kgcoo
     with torch.no_grad():
         tuned = model.text_features()  # (C, E): "a photo of a {class}." through the prompt learner
         assert data.template("caltech101", "kgcoop") == "a photo of a {}."
-        w0 = kgcoop.frozen_text_features_fp32(clip_model, data.prompts("caltech101", NAMES, "kgcoop"))
+        w0 = evaluation.text_features(clip_model, data.prompts("caltech101", NAMES, "kgcoop"), fp32=True)
         assert kgcoop.knowledge_guidance(tuned, w0).item() == pytest.approx(0.0, abs=1e-6)
         # EuroSAT's KgCoOp template is "a centered satellite photo of {}.": the prompts differ, so the term is not 0.
-        w0_eurosat = kgcoop.frozen_text_features_fp32(clip_model, data.prompts("eurosat", NAMES, "kgcoop"))
+        w0_eurosat = evaluation.text_features(clip_model, data.prompts("eurosat", NAMES, "kgcoop"), fp32=True)
         term = kgcoop.knowledge_guidance(tuned, w0_eurosat)
         expected = 1 - sum(float(tuned[c] @ w0_eurosat[c]) for c in range(len(NAMES))) / len(NAMES)  # by hand
         assert term.item() == pytest.approx(expected, abs=1e-6) and term.item() > 1e-3
@@ -78,7 +79,7 @@ def test_frozen_features_are_computed_in_fp32_from_a_low_precision_clip(kgcoop, 
     prompts = data.prompts("caltech101", NAMES, "kgcoop")
     tokens = clip.tokenize(prompts, context_length=low.context_length)
     with torch.no_grad():
-        ours = kgcoop.frozen_text_features_fp32(low, prompts)
+        ours = evaluation.text_features(low, prompts, fp32=True)
         reference = F.normalize(copy.deepcopy(low).float().encode_text(tokens), dim=-1)  # the same weights, fp32
         rounded = F.normalize(low.encode_text(tokens).float(), dim=-1)
     assert ours.dtype == torch.float32 and low.dtype == torch.bfloat16  # the frozen model itself is untouched

@@ -131,7 +131,7 @@ def test_text_depth_one_with_the_template_context_is_zero_shot_clip():
 def test_ensemble_target_is_the_mean_of_unnormalised_features():
     _, clip_model = build()
     templates = ["a photo of a {}.", "a drawing of the {}.", "itap of a {}."]
-    ens = psrc.ensemble_text_features(clip_model, NAMES, templates, batch_size=2)  # chunks of 2 classes
+    ens = psrc.ensemble_text_features(clip_model, NAMES, templates)
     with torch.no_grad():
         raw = torch.stack([clip_model.encode_text(clip.tokenize([t.format(n.replace("_", " ")) for n in NAMES],
                                                                 context_length=32)) for t in templates])  # (T, C, E)
