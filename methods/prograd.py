@@ -224,7 +224,6 @@ class CustomCLIP(nn.Module):
         return self.logit_scale.exp().float() * image_features @ self.text_features().t()
 
 
-@torch.no_grad()
 def project_gradient(g_ce: torch.Tensor, g_kd: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """ProGrad's prompt-aligned update direction for one parameter.
 
@@ -326,15 +325,14 @@ def main(argv=None) -> None:
     # Evaluation: each test image is encoded once per split; raw, TS and DAC come from the same features.
     model.eval()
 
-    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
-        model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(features.to(device))  # (N, C)
-
     def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model.text_features()
+            return model.text_features()  # (C, E), fp32
+
+    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+        # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
+        return model.logit_scale.exp().float() * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 
     t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(

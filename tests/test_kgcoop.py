@@ -69,6 +69,14 @@ def test_kg_term_is_zero_at_initialisation_when_the_prompt_is_the_template(kgcoo
         term = kgcoop.knowledge_guidance(tuned, w0_eurosat)
         expected = 1 - sum(float(tuned[c] @ w0_eurosat[c]) for c in range(len(NAMES))) / len(NAMES)  # by hand
         assert term.item() == pytest.approx(expected, abs=1e-6) and term.item() > 1e-3
+    # The term trains the context: it backpropagates, and a step down its gradient brings w towards w0.
+    tuned = model.text_features()
+    term = kgcoop.knowledge_guidance(tuned, w0_eurosat)
+    (grad,) = torch.autograd.grad(term, model.prompt_learner.ctx)
+    assert grad.abs().sum() > 0
+    with torch.no_grad():
+        model.prompt_learner.ctx -= 0.01 * grad / grad.norm()
+        assert kgcoop.knowledge_guidance(model.text_features(), w0_eurosat) < term
 
 
 def test_frozen_features_are_computed_in_fp32_from_a_low_precision_clip(kgcoop, tiny_world):
