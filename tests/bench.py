@@ -589,7 +589,7 @@ class Bench:
         print(f"  {wall:.0f}s (CPU time {cpu:.0f}s)", flush=True)
         return {"wall_s": wall, "cpu_s": cpu, "timings": results["timings"],
                 "metrics": {k: v["raw"] for k, v in results["metrics"].items()},
-                "command": " ".join(["python", *cmd[1:3], *argv, "--device", self.device])}
+                "command": " ".join(["python", cmd[1], *argv, "--device", self.device])}
 
     def section_demo(self) -> None:
         world = self.demo_world()
@@ -749,6 +749,18 @@ def format_tables(out: dict) -> str:
                              f"{stat(lambda r: r['metrics']['novel']['acc'])} | "
                              f"{stat(lambda r: r['metrics']['base']['ece'])} | "
                              f"{stat(lambda r: r['metrics']['novel']['ece'])} |")
+            pairs = [(fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K0"),
+                      fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K{fc['k']}")) for seed in fc["seeds"]]
+            pairs = [(a, b) for a, b in pairs if a and b and "error" not in a and "error" not in b]
+            if pairs:
+                def diff(split, metric):
+                    d = [b["metrics"][split][metric] - a["metrics"][split][metric] for a, b in pairs]
+                    return f"{statistics.mean(d):+.2f} (" + ", ".join(f"{x:+.1f}" for x in d) + ")"
+
+                speed = statistics.mean(a["timings"]["train_s"] / b["timings"]["train_s"] for a, b in pairs)
+                lines.append(f"| {dataset} | K={fc['k']} minus off, per seed | {speed:.1f}x faster | | "
+                             f"{diff('base', 'acc')} | {diff('novel', 'acc')} | {diff('base', 'ece')} | "
+                             f"{diff('novel', 'ece')} |")
         lines.append("")
     if out.get("notes"):
         lines += ["Notes:"] + [f"- {n}" for n in out["notes"]]
