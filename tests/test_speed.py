@@ -5,7 +5,7 @@
 - --checkpoint-text leaves the gradients unchanged (and really recomputes the text blocks in backward).
 - No operation that synchronises host and device on CUDA runs inside a training step (traced on the CPU).
 - The speed options exist where issue 9 asks for them.
-- The benchmark's instrumentation still works on the current scripts (a one-step worker run).
+- The benchmark's instrumentation still works on the current scripts (a short in-process worker run).
 """
 import os
 import traceback
