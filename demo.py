@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clip
 import data
+import eval as evaluation
 from clip.model import tiny_clip
 
 VERSION = 2  # part of every cache name: bump it when the world, the model or the recipe changes
@@ -384,15 +385,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((images.astype(np.float32) / 255 - MEAN) / STD).transpose(0, 3, 1, 2).copy())
 
 
-def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
-    """model.encode_text on the tokens up to the batch's last end-of-text token: identical under the causal
-    mask, and short captions then cost a third of the full context."""
-    n = int(tokens.argmax(dim=-1).max()) + 1
-    x = model.token_embedding(tokens[:, :n]) + model.positional_embedding[:n]  # (B, n, D)
-    x = model.ln_final(model.transformer(x.permute(1, 0, 2)).permute(1, 0, 2))
-    return x[torch.arange(x.shape[0]), tokens[:, :n].argmax(dim=-1)] @ model.text_projection  # (B, E)
-
-
 def _train(model, seed: int, steps: int, log) -> None:
     """AdamW on the multi-positive contrastive loss, over batches 0..steps-1 of the world stream."""
     matrices = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -415,7 +407,8 @@ def _train(model, seed: int, steps: int, log) -> None:
             if step + 1 < steps:
                 upcoming = pool.submit(world_batch, seed, step + 1, BATCH)
             img = F.normalize(model.encode_image(to_tensor(images)), dim=-1)  # (B, E)
-            txt = F.normalize(_encode_text(model, torch.tensor([tokens_of(t) for t in texts])), dim=-1)  # (B, E)
+            tokens = clip.trim(torch.tensor([tokens_of(t) for t in texts]))  # (B, L): cut after the last EOT
+            txt = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
             logits = model.logit_scale.exp() * img @ txt.t()  # (B images, B captions)
             target = torch.from_numpy(pos).float()  # every true caption is a positive, not only the diagonal
             loss = -0.5 * ((target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
@@ -542,8 +535,7 @@ def zeroshot(root: Path | str | None = None, checkpoint: Path | str | None = Non
         row, full = {"dataset": key}, data.load_dataset(key, root)
         for half, which in (("base", "base"), ("novel", "new")):
             split = data.subsample_classes(full, which)
-            tokens = clip.tokenize(data.prompts(key, split.classnames), context_length=model.context_length)
-            text = F.normalize(model.encode_text(tokens), dim=-1)  # (C, E)
+            text = evaluation.text_features(model, data.prompts(key, split.classnames))  # (C, E), normalised
             images = torch.stack([transform(data.load_image(d.impath)) for d in split.test])  # (M, 3, RES, RES)
             pred = (F.normalize(model.encode_image(images), dim=-1) @ text.t()).argmax(1)
             acc = 100 * (pred == torch.tensor([d.label for d in split.test])).float().mean().item()

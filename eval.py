@@ -326,20 +326,26 @@ def text_features(clip_model, prompts: list[str], batch_size: int = 500, fp32: b
     device = clip_model.positional_embedding.device
     tokens = clip.tokenize(prompts, context_length=clip_model.context_length).to(device)  # (C, L)
     with torch.autocast(device.type, enabled=False):  # the model's own dtype decides the precision
-        feats = torch.cat([clip_model.encode_text(chunk).float() for chunk in tokens.split(batch_size)])  # (C, E)
+        # Each chunk is cut after its last end-of-text token (clip.trim): same features, a fraction of the work.
+        feats = torch.cat([clip_model.encode_text(clip.trim(chunk)).float()
+                           for chunk in tokens.split(batch_size)])  # (C, E)
     return torch.nn.functional.normalize(feats, dim=-1) if normalize else feats
 
 
 def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: Callable, tuned_text_fn: Callable,
-                      clip_model, dataset: str, n_px: int, device, amp_dtype, out_dir, num_workers=None) -> tuple[dict, float]:
+                      clip_model, dataset: str, n_px: int, device, amp_dtype, out_dir, num_workers=None,
+                      val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, float]:
     """Evaluate a trained model on every target split: ({target: {raw, ts, dac metrics}}, temperature).
 
     The method supplies three functions: encode_fn(images) -> features (B, ...), run once per test image;
     logits_fn(features, classnames, key) -> logits (N, C) for a class list; tuned_text_fn(classnames, key) ->
     the method's normalised class text features (C, E), used by DAC. `key` names the dataset whose templates
-    apply ("base"/"novel" splits use the training dataset's). Temperature scaling is fitted on the few-shot
-    validation split of the training classes; DAC compares each test class's K nearest training classes under
-    the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come from the same logits.
+    apply ("base"/"novel" splits use the training dataset's). Class lists arrive as tuples, so a method can
+    memoise its text features per list with functools.lru_cache (each list is asked for several times).
+    `val` = (features, labels) of the few-shot validation split when the method has already encoded it.
+    Temperature scaling is fitted on that split (training classes); DAC compares each test class's K nearest
+    training classes under the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come
+    from the same logits.
     """
     import data  # local import: keeps eval.py's summary CLI independent of the data code
 
@@ -352,19 +358,21 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     def loader(items):
         return data.test_loader(items, n_px, device=device, num_workers=num_workers)
 
+    base_names = tuple(train.classnames)
     with torch.no_grad():
-        val_features, val_labels = predict(encode, loader(train.val), device, "val (temperature)")
-        temperature = fit_temperature(logits_fn(val_features, train.classnames, dataset).float().cpu(), val_labels)
-        base_tuned = tuned_text_fn(train.classnames, dataset).float()
+        val_features, val_labels = val if val is not None else predict(encode, loader(train.val), device,
+                                                                       "val (temperature)")
+        temperature = fit_temperature(logits_fn(val_features, base_names, dataset).float().cpu(), val_labels)
+        base_tuned = tuned_text_fn(base_names, dataset).float()
         base_zs = text_features(clip_model, data.prompts(dataset, train.classnames, "kgcoop"))
         metrics = {}
         for name, split in targets.items():
-            key = name if name in data.DATASETS else dataset
+            key, names = (name if name in data.DATASETS else dataset), tuple(split.classnames)
             features, labels = predict(encode, loader(split.test), device, name)
-            logits = logits_fn(features, split.classnames, key).float().cpu()  # (N, C)
-            factors = dac_factors(tuned_text_fn(split.classnames, key).float(),
-                                  text_features(clip_model, data.prompts(key, split.classnames, "kgcoop")),
-                                  base_tuned, base_zs).cpu()
+            logits = logits_fn(features, names, key).float().cpu()  # (N, C)
+            zs = base_zs if names == base_names and key == dataset else \
+                text_features(clip_model, data.prompts(key, split.classnames, "kgcoop"))  # (C, E)
+            factors = dac_factors(tuned_text_fn(names, key).float(), zs, base_tuned, base_zs).cpu()
             metrics[name] = evaluate_split(logits, labels, temperature, factors, out_dir, name)
             raw = metrics[name]["raw"]
             print(f"{name:>16}: acc {raw['acc']:6.2f}  ece {raw['ece']:6.2f}  (ts {metrics[name]['ts']['ece']:6.2f}, "

@@ -144,7 +144,7 @@ if ((${#present[@]} == 0)); then
   say "Falling back to the DEMO WORLD (synthetic data, tiny CLIP): $PYTHON demo.py prepare ..."
   unset DEMO_ROOT DEMO_BACKBONE
   prep=$("$PYTHON" demo.py prepare) || { echo "run.sh: error: $PYTHON demo.py prepare failed" >&2; exit 1; }
-  eval "$prep"  # sets DEMO_ROOT and DEMO_BACKBONE (docs: INTERFACES.md, demo world)
+  eval "$prep"  # sets DEMO_ROOT and DEMO_BACKBONE (see `python demo.py --help`)
   [[ -d ${DEMO_ROOT:-} && -e ${DEMO_BACKBONE:-} ]] ||
     { echo "run.sh: error: demo.py prepare gave no usable DEMO_ROOT/DEMO_BACKBONE:" >&2; echo "$prep" >&2; exit 1; }
   demo=1 missing="" DATA=$DEMO_ROOT BACKBONE=$DEMO_BACKBONE OUTPUT=$OUTPUT/demo EPOCHS=${EPOCHS:-$DEMO_EPOCHS}

@@ -168,3 +168,14 @@ def tokenize(texts: Union[str, list[str]], context_length: int = 77, truncate: b
             ids[-1] = eot
         result[i, : len(ids)] = torch.tensor(ids)
     return result
+
+
+def trim(tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids (N, L) cut after the last end-of-text token of the batch: (N, L') with L' <= L.
+
+    The text transformer is causal, so no token up to a prompt's EOT attends to the padding after it: the
+    features read at EOT are the same (up to float rounding, ~1e-6) and a prompt of 20 tokens costs about a
+    quarter of the 77-token forward and backward. Reads one integer to the host; call it when a class list is
+    tokenised, not inside a training step.
+    """
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]  # EOT has the largest id in every row

@@ -270,7 +270,8 @@ class CLIP(nn.Module):
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(text).type(self.dtype)  # (N, L, D)
-        x = x + self.positional_embedding.type(self.dtype)
+        # L may be shorter than context_length (ids cut by clip.trim); OpenAI's (N, 77) ids give the full table.
+        x = x + self.positional_embedding[: x.shape[1]].type(self.dtype)
         x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # NLD -> LND -> NLD
         x = self.ln_final(x).type(self.dtype)
         # The feature is read at the end-of-text token, which has the largest id in every sequence.

@@ -51,6 +51,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -133,7 +134,8 @@ class TextEncoder(nn.Module):
         self.dtype = clip_model.dtype
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
-        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (C, L, D)
+        # Prompts are cut after their last end-of-text token (clip.trim), so L can be shorter than the context.
+        x = prompts.type(self.dtype) + self.positional_embedding[: prompts.shape[1]].type(self.dtype)  # (C, L, D)
         x = x.permute(1, 0, 2)  # NLD -> LND
         for block in self.transformer.resblocks:
             # With --checkpoint-text only each block's input is kept; its activations are recomputed in backward.
@@ -178,7 +180,9 @@ class PromptLearner(nn.Module):
     def set_classnames(self, classnames: list[str], clip_model) -> None:
         """Rebuild the fixed token buffers for a class list (base classes for training, any list for testing)."""
         prompts = [f"{self.prompt_prefix} {data.clean_classname(name)}." for name in classnames]
-        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length).to(self.ctx.device)  # (C, L)
+        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length)  # (C, context_length)
+        # Cut after the last EOT: the causal text transformer never looks past it, so the padding is wasted work.
+        tokenized = clip.trim(tokenized).to(self.ctx.device)  # (C, L)
         embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)  # (C, L, D)
         # Not persistent: a checkpoint holds only the learned tensors; these are rebuilt from the names.
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # (C, 1, D) SOS
@@ -262,6 +266,7 @@ def main(argv=None) -> None:
 
     train_time = 0.0
     if not args.eval_only:
+        t0 = time.time()  # training time includes building the loader (and --feature-cache encoding)
         cache = data.ImageCache(int(args.image_cache_gb * 2**30))
         if args.feature_cache:  # K pre-encoded augmented views per image: training runs only the text side
             loader = data.FeatureViews(train.train, model.image_features, n_px, args.feature_cache, args.batch_size,
@@ -271,7 +276,6 @@ def main(argv=None) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-        t0 = time.time()
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -309,30 +313,32 @@ def main(argv=None) -> None:
     # Evaluation: each test image is encoded once per split; raw, TS and DAC come from the same features.
     model.eval()
 
-    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+    def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         group = max(1, args.chunk_size // len(classnames))  # images per pass: at most max(chunk_size, C) prompts
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return torch.cat([model(f.to(device)) for f in tqdm(features.split(group), desc=f"{key}: conditioned "
                               f"prompts", leave=False, dynamic_ncols=True)])  # (N, C)
 
+    t0 = time.time()
     # DAC's (C, E) class features: every class list conditioned on the same vector, the normalised mean
-    # normalised image feature of the few-shot validation split (module docstring), computed once.
+    # normalised image feature of the few-shot validation split (module docstring), computed once; the same
+    # features then serve temperature scaling.
     with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        val_features, _ = evaluation.predict(model.image_features, data.test_loader(
-            train.val, n_px, device=device, num_workers=args.workers), device, "val (DAC conditioning)")  # (N, E)
+        val_features, val_labels = evaluation.predict(model.image_features, data.test_loader(
+            train.val, n_px, device=device, num_workers=args.workers), device, "val")  # (N, E)
     dac_condition = F.normalize(val_features.mean(dim=0, keepdim=True), dim=-1).to(device)  # (1, E)
 
-    def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
+    @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
+    def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model.text_features(dac_condition)[0]  # (C, E)
 
-    t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(
         train, targets, encode_fn=model.image_features, logits_fn=logits_fn, tuned_text_fn=tuned_text_fn,
         clip_model=clip_model, dataset=args.dataset, n_px=n_px, device=device, amp_dtype=amp_dtype,
-        out_dir=run_dir, num_workers=args.workers)
+        out_dir=run_dir, num_workers=args.workers, val=(val_features, val_labels))
     timings = {"train_s": train_time, "eval_s": time.time() - t0, "total_s": time.time() - started}
     evaluation.write_results(run_dir, method=METHOD, args=args, metrics=metrics, temperature=temperature,
                              timings=timings)

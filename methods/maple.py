@@ -39,6 +39,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import argparse
+import functools
 import copy
 import math
 import os
@@ -127,7 +128,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor,
                 compound_prompts_deeper_text) -> torch.Tensor:
-        x = prompts.type(self.dtype) + self.positional_embedding.type(self.dtype)  # (C, L, D)
+        # Prompts are cut after their last end-of-text token (clip.trim), so L can be shorter than the context.
+        x = prompts.type(self.dtype) + self.positional_embedding[: prompts.shape[1]].type(self.dtype)  # (C, L, D)
         x = x.permute(1, 0, 2)  # NLD -> LND
         for i, block in enumerate(self.transformer.resblocks):
             if 1 <= i <= len(compound_prompts_deeper_text):
@@ -220,7 +222,9 @@ class MultiModalPromptLearner(nn.Module):
     def set_classnames(self, classnames: list[str], clip_model) -> None:
         """Rebuild the fixed token buffers for a class list (base classes for training, any list for testing)."""
         prompts = [f"{self.prompt_prefix} {data.clean_classname(name)}." for name in classnames]
-        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length).to(self.ctx.device)  # (C, L)
+        tokenized = clip.tokenize(prompts, context_length=clip_model.context_length)  # (C, context_length)
+        # Cut after the last EOT: the causal text transformer never looks past it, so the padding is wasted work.
+        tokenized = clip.trim(tokenized).to(self.ctx.device)  # (C, L)
         embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)  # (C, L, D)
         # Not persistent: a checkpoint holds only the learned tensors; these are rebuilt from the names.
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # (C, 1, D) SOS
@@ -301,12 +305,12 @@ def main(argv=None) -> None:
 
     train_time = 0.0
     if not args.eval_only:
+        t0 = time.time()  # training time includes building the loader
         cache = data.ImageCache(int(args.image_cache_gb * 2**30))
         loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-        t0 = time.time()
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -346,12 +350,13 @@ def main(argv=None) -> None:
     # from the same features.
     model.eval()
 
-    def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
+    @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
+    def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model.text_features()  # (C, E), fp32
 
-    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+    def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
         return model.logit_scale.exp().float() * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 

@@ -145,6 +145,20 @@ def test_truncation_and_too_long_error():
     assert short.tolist()[-1] == 49407 and (short != 0).all()
 
 
+def test_trim_cuts_after_the_last_eot_and_keeps_the_features():
+    torch.manual_seed(0)
+    model = tiny_clip(context_length=77).eval()
+    tokens = clip.tokenize(["a photo of a cat.", "a photo of an annual crop land field."])  # (2, 77)
+    trimmed = clip.trim(tokens)
+    eot_last = int((tokens[1] == 49407).nonzero())
+    assert trimmed.shape == (2, eot_last + 1) and torch.equal(trimmed, tokens[:, : eot_last + 1])
+    assert torch.equal(clip.trim(trimmed), trimmed)  # nothing left to cut
+    with torch.no_grad():
+        full, short = model.encode_text(tokens), model.encode_text(trimmed)
+    # Causal attention: the padding after EOT never reaches the EOT feature; only float rounding differs.
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-5)
+
+
 def test_preprocess_follows_model_resolution(tiny, tmp_path):
     torch.save(tiny.state_dict(), tmp_path / "tiny.pt")
     _, preprocess = clip.load(str(tmp_path / "tiny.pt"), device="cpu")

@@ -71,8 +71,8 @@ def test_coop_from_template_equals_zero_shot_logits(tiny_world):
     with torch.no_grad():
         features = model.image_features(images)
         logits = model(features)
-        tokens = clip.tokenize([f"a photo of a {n.replace('_', ' ')}." for n in names], context_length=32)
-        text = torch.nn.functional.normalize(clip_model.encode_text(tokens), dim=-1)
+        # The zero-shot path (methods/zeroshot.py): the template's features, ids cut after EOT like CoOp's.
+        text = evaluation.text_features(clip_model, [f"a photo of a {n.replace('_', ' ')}." for n in names])
         image = torch.nn.functional.normalize(clip_model.encode_image(images), dim=-1)
         expected = clip_model.logit_scale.exp() * image @ text.t()
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)

@@ -53,7 +53,9 @@ def test_front_middle_end_layouts_place_multi_word_class_names(tiny_clip):
                           .expand_as(learner.ctx))
     ids = torch.tensor([3, 12, 20])  # one front, one middle, one end prompt
     prompts, tokenized = learner(ids)
-    prompts = prompts.view(3, 3, 32, 64)  # (C, P, L, D)
+    L = tokenized.shape[1]  # cut after the last EOT: "sea or lake." is the longest prompt, 1 + 16 + 5 tokens
+    assert L == 22
+    prompts = prompts.view(3, 3, L, 64)  # (C, P, L, D)
 
     # "Highway_or_Road" is tokenised as "highway or road" (3 tokens), not with the underscores (5 tokens).
     name = [7620, 541, 1759]
@@ -66,7 +68,7 @@ def test_front_middle_end_layouts_place_multi_word_class_names(tiny_clip):
         return torch.full((64,), 1000.0 + 100 * p + i)
 
     def expected(p, layout):
-        sos, words, rest = [emb[0]], [emb[17 + k] for k in range(3)], [emb[k] for k in range(20, 32)]
+        sos, words, rest = [emb[0]], [emb[17 + k] for k in range(3)], [emb[k] for k in range(20, L)]
         context = [ctx(p, i) for i in range(16)]
         order = {"front": sos + words + context + rest, "middle": sos + context[:8] + words + context[8:] + rest,
                  "end": sos + context + words + rest}[layout]
@@ -153,7 +155,7 @@ def test_prompt_schedule_and_orthogonality_term(tiny_clip):
 
     # Class-free prompts: "SOS ctx . EOT" for all 32 prompts.
     prompts, tokens = learner.class_free_prompts()
-    assert prompts.shape == (32, 32, 64) and tokens.shape == (32, 32) and int(tokens[0].argmax()) == 18
+    assert prompts.shape == (32, 19, 64) and tokens.shape == (32, 19) and int(tokens[0].argmax()) == 18
     torch.testing.assert_close(prompts[:, 1:17], learner.ctx.detach())
     assert proda.mean_abs_cosine(torch.eye(3)) == 0
     assert proda.mean_abs_cosine(torch.tensor([[1.0, 0.0], [-0.6, 0.8], [0.6, 0.8]])) == pytest.approx((0.6 + 0.6 + 0.28) / 3)

@@ -86,8 +86,10 @@ def test_template_initialisation(prograd, tiny_world):
     assert ctx.shape == (16, 64) and ctx.dtype == torch.float32
     assert torch.equal(ctx[:16 - k], torch.zeros(16 - k, 64))
     assert torch.equal(ctx[16 - k:], clip_model.token_embedding(phrase[1:1 + k]).detach())
-    # The class name follows the context directly: SOS, 16 context vectors, then "abyssinian." (15 more positions).
-    expected = clip_model.token_embedding(clip.tokenize("abyssinian.", context_length=32)[0, 1:16]).detach()
+    # The class name follows the context directly: SOS, 16 context vectors, then "abyssinian." with its EOT
+    # (5 tokens, the longer of the two names), and nothing after it: the prompts are cut after the last EOT.
+    assert learner().shape == (2, 22, 64)
+    expected = clip_model.token_embedding(clip.tokenize("abyssinian.", context_length=32)[0, 1:6]).detach()
     torch.testing.assert_close(learner()[0, 17:], expected, rtol=0, atol=0)
     with pytest.raises(SystemExit, match="shorter than the 9 tokens"):
         prograd.PromptLearner(prograd.parse_args(["--dataset", "oxford_pets", "--n-ctx", "8"]), names, clip_model)

@@ -96,7 +96,8 @@ def test_deep_prompts_enter_the_blocks_they_belong_to_and_get_gradients():
         h.remove()
     n_tokens = 1 + (32 // 8) ** 2 + 4  # class token + 16 patches + 4 vision prompts
     for i in range(4):
-        assert seen["image", i].shape == (n_tokens, 2, 64) and seen["text", i].shape == (32, 3, 64)
+        text_len = pl.tokenized_prompts.shape[1]  # prompts cut after their last EOT (clip.trim)
+        assert seen["image", i].shape == (n_tokens, 2, 64) and seen["text", i].shape == (text_len, 3, 64)
     for i in (1, 2):
         for b in range(2):
             assert torch.equal(seen["image", i][-4:, b], pl.image_VPT_shallow[str(i)].detach())

@@ -26,11 +26,6 @@ from test_coop import load_method
 
 METHODS = sorted(p.stem for p in (ROOT / "methods").glob("*.py") if not p.stem.startswith("_"))
 FROZEN_IMAGE_ENCODER = {"coop", "cocoop", "kgcoop", "prograd", "proda"}  # issue 9: these get --feature-cache
-# Known exceptions to "each image once": method -> the change that removes it (strict: fails once fixed).
-ENCODES_TWICE = {
-    "cocoop": "the few-shot val split is encoded twice: once for DAC's conditioning vector in cocoop.py and "
-              "again inside eval.evaluate_protocol (needs a way to pass precomputed val features in)",
-}
 
 
 @pytest.fixture
@@ -41,15 +36,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(reason=ENCODES_TWICE[m], strict=True))
-                                    if m in ENCODES_TWICE else m for m in METHODS])
+@pytest.mark.parametrize("method", METHODS)
 def test_evaluation_encodes_each_image_once(method, tiny_world, tmp_path, monkeypatch, one_thread):
     """Count the images entering any 3-channel Conv2d (the ViT patch embedding: every image encoder, prompted,
-    frozen or teacher, goes through one) after training ends, up to the results: val + every test split."""
+    frozen or teacher, goes through one) after training ends, up to the results: val + every test split.
+    Also count the class lists the prompt learner is built for: once per list (base, novel), however often
+    evaluation asks for a list's features (CoCoOp rebuilds per call: its logits are conditioned per image)."""
     root, ckpt, cache = tiny_world
     monkeypatch.setenv("CP_CACHE", str(cache))
-    count = {"images": 0}
+    count = {"images": 0, "class_lists": 0}
     conv_forward = torch.nn.Conv2d.forward
+    module = load_method(method)
 
     def counting_forward(self, x):
         if self.in_channels == 3:
@@ -60,12 +57,23 @@ def test_evaluation_encodes_each_image_once(method, tiny_world, tmp_path, monkey
 
     def save_and_reset(*args, **kwargs):  # the end of training: only evaluation is counted from here
         out = save_prompt(*args, **kwargs)
-        count["images"] = 0
+        count["images"] = count["class_lists"] = 0
         return out
 
     def record_and_write(out_dir, **kwargs):
-        encoded.append(count["images"])
+        encoded.append((count["images"], count["class_lists"]))
         return write_results(out_dir, **kwargs)
+
+    learners = {c for c in vars(module).values() if isinstance(c, type) and "set_classnames" in vars(c)}
+    assert len(learners) == (method != "zeroshot")  # PromptLearner (VLPromptLearner in PromptSRC)
+    for learner in learners:
+        set_classnames = learner.set_classnames
+
+        def counting_set_classnames(self, *args, **kwargs):
+            count["class_lists"] += 1
+            return set_classnames(self, *args, **kwargs)
+
+        monkeypatch.setattr(learner, "set_classnames", counting_set_classnames)
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", counting_forward)
     monkeypatch.setattr(evaluation, "save_prompt", save_and_reset)
@@ -75,12 +83,13 @@ def test_evaluation_encodes_each_image_once(method, tiny_world, tmp_path, monkey
             "--output", str(tmp_path), "--epochs", "1"]
     if method != "zeroshot":
         argv += ["--batch-size", "4"]
-    load_method(method).main(argv)
+    module.main(argv)
 
     train, targets = data.protocol_splits("base2new", "eurosat", root, 4, 1, cache_dir=cache)
     expected = len(train.val) + sum(len(split.test) for split in targets.values())
     assert expected == 10 + 15 + 15  # 2 val and 3 test images per class, 5 base and 5 novel classes
-    assert encoded == [expected]
+    lists = {"zeroshot": 0, "cocoop": 5}.get(method, 2)  # CoCoOp: val, base and novel logits + base, novel for DAC
+    assert encoded == [(expected, lists)]
 
 
 def _syncing(func, args, kwargs) -> bool:
