@@ -21,7 +21,8 @@ files are not changed: the worker times them from outside,
 Sections (--sections, comma-separated; default all but featurecache):
   train         per method: median step time, data share, eval images/s, peak step memory, syncs (CUDA)
   cache         CoOp at batch 32: data share with --image-cache-gb 0 and with the default cache
-  cocoop        CoCoOp's batched text encoding against a per-image loop at batch 4: time and logit difference
+  cocoop        CoCoOp's batched text encoding (prompts cut after the last EOT) against a per-image loop of the
+                same prompts and against the official per-image loop of full 77-token prompts, at batch 4
   memory        --checkpoint-text off/on for CoOp, KgCoOp, ProGrad (batch 32) and CoCoOp (batch 1), training
                 step memory at --memory-classes training classes, scaled linearly to 1000 classes
   demo          wall time of an end-to-end run (training + evaluation) of each method on demo_shapes
@@ -56,6 +57,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -373,9 +375,15 @@ def worker_cocoop_micro(spec: dict) -> dict:
     for n_cls in spec["classes"]:
         torch.manual_seed(0)
         args = cocoop.parse_args([])
-        model = cocoop.CustomCLIP(args, [f"synthetic object {i}" for i in range(n_cls)], clip_model).to(device)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("prompt_learner."))
+        names = [f"synthetic object {i}" for i in range(n_cls)]
+        model = cocoop.CustomCLIP(args, names, clip_model).to(device)
+        # The official code's prompts: padded to the full context, not cut after the last EOT (clip.trim).
+        with mock.patch.object(cocoop.clip, "trim", lambda tokens: tokens):
+            official = cocoop.CustomCLIP(args, names, clip_model).to(device)
+        official.load_state_dict(model.state_dict())
+        for m in (model, official):
+            for name, p in m.named_parameters():
+                p.requires_grad_(name.startswith("prompt_learner."))
         feats = F.normalize(torch.randn(batch, clip_model.visual.output_dim, device=device), dim=-1)  # (B, E)
         labels = torch.arange(batch, device=device) % n_cls
 
@@ -387,12 +395,17 @@ def worker_cocoop_micro(spec: dict) -> dict:
             with torch.autocast(**amp):
                 return torch.cat([model(feats[i:i + 1]) for i in range(batch)])  # (B, C): one pass per image
 
+        def official_loop():
+            with torch.autocast(**amp):
+                return torch.cat([official(feats[i:i + 1]) for i in range(batch)])  # (B, C), 77-token prompts
+
         def run_once(fn, train: bool) -> tuple[float, float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()
             if train:
                 model.zero_grad(set_to_none=True)
+                official.zero_grad(set_to_none=True)
                 F.cross_entropy(fn(), labels).backward()
             else:
                 with torch.no_grad():
@@ -402,12 +415,14 @@ def worker_cocoop_micro(spec: dict) -> dict:
             return time.perf_counter() - t, time.process_time() - c
 
         with torch.no_grad():
-            diff = (batched() - looped()).abs().max().item()
-        row = {"classes": n_cls, "batch": batch, "max_abs_logit_diff": diff}
+            diff = max((batched() - fn()).abs().max().item() for fn in (looped, official_loop))
+        row = {"classes": n_cls, "batch": batch, "prompt_tokens": int(model.prompt_learner.tokenized_prompts.shape[1]),
+               "official_prompt_tokens": int(official.prompt_learner.tokenized_prompts.shape[1]),
+               "max_abs_logit_diff": diff}
         for phase, train in (("forward", False), ("train_step", True)):
-            times = {"batched": [], "looped": []}
-            for r in range(repeats + 1):  # alternated, so load changes on a shared machine hit both alike
-                for name, fn in (("batched", batched), ("looped", looped)):
+            times = {"batched": [], "looped": [], "official": []}
+            for r in range(repeats + 1):  # alternated, so load changes on a shared machine hit all alike
+                for name, fn in (("batched", batched), ("looped", looped), ("official", official_loop)):
                     t = run_once(fn, train)
                     if r:  # the first round warms up
                         times[name].append(t)
@@ -416,6 +431,8 @@ def worker_cocoop_micro(spec: dict) -> dict:
                 row[f"{phase}_{name}_cpu_s"] = statistics.median(t[1] for t in times[name])
             row[f"{phase}_speedup"] = row[f"{phase}_looped_s"] / row[f"{phase}_batched_s"]
             row[f"{phase}_speedup_cpu"] = row[f"{phase}_looped_cpu_s"] / row[f"{phase}_batched_cpu_s"]
+            row[f"{phase}_speedup_official"] = row[f"{phase}_official_s"] / row[f"{phase}_batched_s"]
+            row[f"{phase}_speedup_official_cpu"] = row[f"{phase}_official_cpu_s"] / row[f"{phase}_batched_cpu_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"rows": rows}
@@ -705,15 +722,20 @@ def format_tables(out: dict) -> str:
                 lines.append(f"| {label} | {t(r, 'median_step_s')} | {t(r, 'data_median_s', 3)} | {share(r)} |")
         lines.append("")
     if out.get("cocoop", {}).get("rows"):
-        lines += [f"| CoCoOp text side, batch 4 | classes | batched{kind} | per-image loop{kind} | speed-up{kind} "
-                  "| max logit diff |", "|---|---|---|---|---|---|"]
+        lines += [f"| CoCoOp text side, batch 4 | classes | batched{kind} | per-image loop{kind} | official loop, "
+                  f"77 tokens{kind} | speed-up vs loop | speed-up vs official | max logit diff |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in out["cocoop"]["rows"]:
             for phase in ("forward", "train_step"):
-                up = f"{r[f'{phase}_speedup']:.2f}x"
-                if cpu and f"{phase}_speedup_cpu" in r:
-                    up += f" ({r[f'{phase}_speedup_cpu']:.2f}x)"
+                ups = []
+                for suffix in ("", "_official"):
+                    up = f"{r[f'{phase}_speedup{suffix}']:.2f}x"
+                    if cpu and f"{phase}_speedup{suffix}_cpu" in r:
+                        up += f" ({r[f'{phase}_speedup{suffix}_cpu']:.2f}x)"
+                    ups.append(up)
                 lines.append(f"| {phase.replace('_', ' ')} | {r['classes']} | {t(r, f'{phase}_batched_s')} | "
-                             f"{t(r, f'{phase}_looped_s')} | {up} | {r['max_abs_logit_diff']:.1e} |")
+                             f"{t(r, f'{phase}_looped_s')} | {t(r, f'{phase}_official_s')} | {ups[0]} | {ups[1]} | "
+                             f"{r['max_abs_logit_diff']:.1e} |")
         lines.append("")
     if out.get("memory", {}).get("rows"):
         n = out["memory"]["train_classes"]
