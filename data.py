@@ -40,6 +40,7 @@ import random
 import tempfile
 import warnings
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -73,6 +74,7 @@ class DatasetSplits:
     val: list[Datum]
     test: list[Datum]
     classnames: list[str]  # classnames[label]
+    min_crop: float = 0.08  # the dataset's smallest training crop (DatasetInfo.min_crop)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class DatasetInfo:
     layout: str  # reader: split | aircraft | imagenet | wnid | numbered
     n_classes: int | None = None  # published class count (None: whatever the split file says)
     templates: tuple[str, str, str] = ("a photo of a {}.",) * 3  # columns CoOp, KgCoOp, ProGrad
+    # Smallest area fraction of the training RandomResizedCrop: CoOp's 0.08 for photos; the demo's 32-pixel
+    # pictures keep 0.5, since an 8% crop (9 x 9 pixels) cuts their object away.
+    min_crop: float = 0.08
 
     @property
     def split_file(self) -> str:
@@ -118,9 +123,9 @@ _INFOS = [
     DatasetInfo("imagenet_sketch", "ImageNetSketch", "imagenet-sketch", "images", "wnid", 1000),
     DatasetInfo("imagenet_a", "ImageNetA", "imagenet-adversarial", "imagenet-a", "wnid", 200),
     DatasetInfo("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r", "wnid", 200),
-    DatasetInfo("demo_shapes", "DemoShapes", "demo_shapes", "images", "split"),
-    DatasetInfo("demo_colours", "DemoColours", "demo_colours", "images", "split"),
-    DatasetInfo("demo_patterns", "DemoPatterns", "demo_patterns", "images", "split"),
+    DatasetInfo("demo_shapes", "DemoShapes", "demo_shapes", "images", "split", min_crop=0.5),
+    DatasetInfo("demo_colours", "DemoColours", "demo_colours", "images", "split", min_crop=0.5),
+    DatasetInfo("demo_patterns", "DemoPatterns", "demo_patterns", "images", "split", min_crop=0.5),
 ]
 DATASETS: dict[str, DatasetInfo] = {info.key: info for info in _INFOS}
 BASE_TO_NOVEL = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
@@ -359,7 +364,7 @@ def load_dataset(key: str, root: str | os.PathLike) -> DatasetSplits:
     info = dataset_info(key)
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), info.folder)
     _require(folder, "dir", f"{info.name} dataset folder")
-    splits = _READERS[info.layout](info, folder)
+    splits = dataclasses.replace(_READERS[info.layout](info, folder), min_crop=info.min_crop)
     if info.n_classes is not None and len(splits.classnames) != info.n_classes:
         raise DatasetError(f"{info.name} under {folder} has {len(splits.classnames)} classes, expected "
                            f"{info.n_classes} (incomplete download or wrong split file?); {HINT}")
@@ -473,7 +478,8 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     if which not in ("base", "new", "all"):
         raise ValueError(f"which must be 'base', 'new' or 'all', got {which!r}")
     if which == "all":
-        return DatasetSplits(list(splits.train), list(splits.val), list(splits.test), list(splits.classnames))
+        return dataclasses.replace(splits, train=list(splits.train), val=list(splits.val), test=list(splits.test),
+                                   classnames=list(splits.classnames))
     labels = sorted({d.label for d in splits.train})
     if not labels:
         raise DatasetError("a base/novel split needs a non-empty train split")
@@ -484,8 +490,8 @@ def subsample_classes(splits: DatasetSplits, which: str) -> DatasetSplits:
     def keep(items: list[Datum]) -> list[Datum]:
         return [Datum(d.impath, new_label[d.label], d.classname) for d in items if d.label in new_label]
 
-    return DatasetSplits(keep(splits.train), keep(splits.val), keep(splits.test),
-                         [splits.classnames[old] for old in chosen])
+    return dataclasses.replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test),
+                               classnames=[splits.classnames[old] for old in chosen])
 
 
 def load_few_shot(key: str, root: str | os.PathLike, shots: int, seed: int,
@@ -495,7 +501,7 @@ def load_few_shot(key: str, root: str | os.PathLike, shots: int, seed: int,
     if not full.train:
         raise DatasetError(f"{key} has no train split (evaluation-only dataset)")
     train, val = few_shot_cached(key, full.train, full.val, shots, seed, cache_dir)
-    return DatasetSplits(train, val, full.test, full.classnames)
+    return dataclasses.replace(full, train=train, val=val)
 
 
 def base_to_novel(key: str, root: str | os.PathLike, shots: int, seed: int,
@@ -548,9 +554,9 @@ def prompts(key: str, classnames: Sequence[str], column: str = "coop") -> list[s
 # ----------------------------------------------------------------------------- transforms, loaders
 
 
-def train_transform(n_px: int) -> T.Compose:
+def train_transform(n_px: int, min_crop: float = 0.08) -> T.Compose:
     return T.Compose([
-        T.RandomResizedCrop(n_px, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(n_px, scale=(min_crop, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
@@ -643,7 +649,7 @@ def _loader(dataset: ImageList, batch_size: int, device, num_workers: int | None
 
 def train_loader(items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device | None,
                  num_workers: int | None = None, cache: ImageCache | None = None,
-                 seed: int | None = None) -> DataLoader:
+                 seed: int | None = None, min_crop: float = 0.08) -> DataLoader:
     """Shuffled, augmented; drops the last incomplete batch when there is at least one full batch.
 
     `seed` fixes the shuffling order and the workers' augmentation seeds; with 0 workers augmentation
@@ -652,7 +658,7 @@ def train_loader(items: Sequence[Datum], n_px: int, batch_size: int, device: str
     if cache is not None:
         cache.fill(d.impath for d in items)  # before workers fork, so they share it
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return _loader(ImageList(items, train_transform(n_px), cache), batch_size, device, num_workers,
+    return _loader(ImageList(items, train_transform(n_px, min_crop), cache), batch_size, device, num_workers,
                    shuffle=True, drop_last=len(items) >= batch_size, generator=generator)
 
 
@@ -673,10 +679,11 @@ class FeatureViews:
     """
 
     def __init__(self, items: Sequence[Datum], encode_fn: Callable, n_px: int, views: int, batch_size: int,
-                 device, num_workers: int | None = None, cache: ImageCache | None = None):
+                 device, num_workers: int | None = None, cache: ImageCache | None = None, min_crop: float = 0.08):
         if cache is not None:
             cache.fill(d.impath for d in items)
-        loader = _loader(ImageList(items, train_transform(n_px), cache), 100, device, num_workers, shuffle=False)
+        loader = _loader(ImageList(items, train_transform(n_px, min_crop), cache), 100, device, num_workers,
+                         shuffle=False)
         feats = []
         with torch.no_grad():
             for _ in tqdm(range(views), desc=f"encoding {views} views", leave=False):

@@ -17,8 +17,8 @@ claims decide which pictures it is true of; the contrastive loss counts every tr
 as a positive ("a circle" fits every circle), not only the one drawn with the picture.
 
 The tiny CLIP (`clip.model.tiny_clip`: ViT image tower with 4-pixel patches, 3-layer text tower,
-context 32) is pretrained on a stream of such batches and cached as a plain state dict that
-`clip.load(path)` reads. The three demo datasets are drawn from the same world under a distribution shift,
+context 32, logit scale fixed at CLIP's 100) is pretrained on a stream of such batches and cached as a plain
+state dict that `clip.load(path)` reads. The three demo datasets are drawn from the same world under a distribution shift,
 so zero-shot transfer works but is imperfect and prompt tuning has something to learn:
 
 * demo_shapes: the 12 shapes in any colour on blotchy "cloudy" backgrounds never seen in pretraining;
@@ -28,7 +28,7 @@ so zero-shot transfer works but is imperfect and prompt tuning has something to 
 * demo_patterns: the 12 textures at stretched scales and angles, with faded colours and more noise.
 
 Look-alike pairs (circle/square, star/cross, striped/wavy, ...) are put in different halves of the
-base-to-novel split. Command line: `python demo.py {pretrain,datasets,prepare,zeroshot}`; the cache is
+base-to-novel split. Their training crops keep at least half of the picture (data.DatasetInfo.min_crop). Command line: `python demo.py {pretrain,datasets,prepare,zeroshot}`; the cache is
 ~/.cache/calibrated-prompts/demo, or $CP_DEMO_DIR.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ import data
 import eval as evaluation
 from clip.model import tiny_clip
 
-VERSION = 2  # part of every cache name: bump it when the world, the model or the recipe changes
+VERSION = 3  # part of every cache name: bump it when the world, the model or the recipe changes
 RES, SS = 32, 4  # image side (= the model's input resolution) and supersampling factor of the masks
 N = RES * SS
 MODEL_SIZES = dict(embed_dim=128, image_resolution=RES, vision_layers=4, vision_width=64, vision_patch_size=4,
@@ -417,8 +417,6 @@ def _train(model, seed: int, steps: int, log) -> None:
             loss.backward()
             opt.step()
             sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
             running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
             if step % 100 == 0 or step == steps - 1:
                 log(f"pretrain step {step + 1}/{steps}  loss {running:.3f}  {time.time() - start:.0f}s")
@@ -441,6 +439,12 @@ def pretrain(seed: int = 0, steps: int = STEPS, path: Path | str | None = None, 
         torch.use_deterministic_algorithms(True)
         torch.manual_seed(seed)
         model = tiny_clip(**MODEL_SIZES).train()
+        # CLIP's logit scale is 100 (its cap, reached in pretraining), and the recipes assume it: margins are
+        # taken on x100 logits and lambda_mom is weighed against that cross-entropy. A learned scale only
+        # reached 17 here, and prompt tuning then collapsed on several demo seeds; so it is fixed at 100.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(100))
+        model.logit_scale.requires_grad_(False)
         _train(model, seed, steps, log)
     finally:
         torch.set_num_threads(threads)

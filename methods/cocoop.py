@@ -270,9 +270,10 @@ def main(argv=None) -> None:
         cache = data.ImageCache(int(args.image_cache_gb * 2**30))
         if args.feature_cache:  # K pre-encoded augmented views per image: training runs only the text side
             loader = data.FeatureViews(train.train, model.image_features, n_px, args.feature_cache, args.batch_size,
-                                       device, args.workers, cache)
+                                       device, args.workers, cache, min_crop=train.min_crop)
         else:
-            loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache)
+            loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache,
+                                       min_crop=train.min_crop)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

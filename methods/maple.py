@@ -307,7 +307,8 @@ def main(argv=None) -> None:
     if not args.eval_only:
         t0 = time.time()  # training time includes building the loader
         cache = data.ImageCache(int(args.image_cache_gb * 2**30))
-        loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache)
+        loader = data.train_loader(train.train, n_px, args.batch_size, device, args.workers, cache,
+                                   min_crop=train.min_crop)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)

@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 import data
@@ -492,6 +493,21 @@ def test_protocol_splits(tmp_path):
     with pytest.raises(DatasetError, match="caltech-101"):  # xd from a real source needs every target
         make_split_tree(tmp_path, "eurosat", 10)
         data.protocol_splits("xd", "eurosat", tmp_path, 2, 1, cache_dir=cache)
+
+
+def test_training_crop_follows_the_dataset(tmp_path):
+    """Photos keep CoOp's RandomResizedCrop(scale=(0.08, 1)); the demo's 32-pixel pictures set 0.5, and the
+    setting survives few-shot sampling and the base/novel split on its way to train_loader."""
+    make_split_tree(tmp_path, "demo_shapes", 4, sizes=(3, 2, 2))
+    make_split_tree(tmp_path, "eurosat", 10)
+    cache = tmp_path / "cache"
+    demo_train, demo_targets = data.protocol_splits("base2new", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
+    photo_train, _ = data.protocol_splits("base2new", "eurosat", tmp_path, 2, 1, cache_dir=cache)
+    assert demo_train.min_crop == demo_targets["novel"].min_crop == 0.5 and photo_train.min_crop == 0.08
+    for split, scale in ((demo_train, (0.5, 1.0)), (photo_train, (0.08, 1.0))):
+        loader = data.train_loader(split.train, 8, 2, "cpu", min_crop=split.min_crop)
+        crop = loader.dataset.transform.transforms[0]
+        assert isinstance(crop, T.RandomResizedCrop) and crop.scale == scale
 
 
 # ----------------------------------------------------------------------------- templates

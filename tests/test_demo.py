@@ -111,13 +111,16 @@ def test_prepare_prints_only_shell_assignments(root, checkpoint):
 
 def test_coop_beats_zero_shot_on_base_classes(root, checkpoint, tmp_path):
     """Prompt tuning has something to learn in the demo world: 20 epochs of CoOp (run.sh's demo setting)
-    beat zero-shot CLIP on demo_shapes' base classes (measured: 64.6% vs 61.3% at seed 1)."""
-    common = ["--dataset", "demo_shapes", "--root", str(root), "--backbone", str(checkpoint), "--output", str(tmp_path),
-              "--device", "cpu", "--seed", "1"]
+    beat zero-shot CLIP on demo_colours' base classes, on the mean of seeds 1-3 (measured: 87.67% against
+    85.25%; single seeds 87.25, 87.50, 88.25)."""
+    common = ["--dataset", "demo_colours", "--root", str(root), "--backbone", str(checkpoint),
+              "--output", str(tmp_path), "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for script, extra in (("zeroshot.py", []), ("coop.py", ["--epochs", "20"])):
-        subprocess.run([sys.executable, str(REPO / "methods" / script), *common, *extra], check=True, cwd=REPO,
-                       env=env, capture_output=True, text=True)
-    acc = {m: json.loads((tmp_path / "base2new" / m / "none" / "demo_shapes" / "seed1" / "results.json").read_text())
-           ["metrics"]["base"]["raw"]["acc"] for m in ("zeroshot", "coop")}
-    assert acc["coop"] > acc["zeroshot"] + 1.0, acc
+    runs = [("zeroshot", 1, [])] + [("coop", seed, ["--epochs", "20"]) for seed in (1, 2, 3)]
+    for method, seed, extra in runs:
+        subprocess.run([sys.executable, str(REPO / "methods" / f"{method}.py"), *common, "--seed", str(seed), *extra],
+                       check=True, cwd=REPO, env=env, capture_output=True, text=True)
+    acc = {(m, seed): json.loads((tmp_path / "base2new" / m / "none" / "demo_colours" / f"seed{seed}" / "results.json")
+                                 .read_text())["metrics"]["base"]["raw"]["acc"] for m, seed, _ in runs}
+    coop = sum(acc["coop", seed] for seed in (1, 2, 3)) / 3
+    assert coop > acc["zeroshot", 1] + 1.0, acc
