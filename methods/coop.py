@@ -23,6 +23,9 @@ Deviations from the official code:
   (fresh augmentation), unless --feature-cache asks for precomputed views.
 - The checkpoint holds only the learned tensors (`ctx`); token_prefix/token_suffix are rebuilt from the
   class names, so one checkpoint serves any class list (official checkpoints load too).
+- Prompts are cut after the last end-of-text token of the class list (clip.trim) instead of running all
+  77 positions: the causal text transformer never attends past EOT, so the features agree to float rounding
+  (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 """
 from __future__ import annotations
 

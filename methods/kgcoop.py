@@ -35,6 +35,9 @@ Deviations from the official code:
   skips with a notice.
 - --calib ours matches moments to the CoOp-template W0 like every method; the KgCoOp term keeps its own
   KgCoOp-template w0 (the two templates differ only for DTD).
+- Prompts are cut after the last end-of-text token of the class list (clip.trim) instead of running all
+  77 positions: the causal text transformer never attends past EOT, so the features agree to float rounding
+  (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 """
 from __future__ import annotations
 
