@@ -32,6 +32,7 @@ Decisions where the protocol leaves room:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,7 +41,6 @@ import random
 import tempfile
 import warnings
 from collections import defaultdict
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 

@@ -28,7 +28,8 @@ so zero-shot transfer works but is imperfect and prompt tuning has something to 
 * demo_patterns: the 12 textures at stretched scales and angles, with faded colours and more noise.
 
 Look-alike pairs (circle/square, star/cross, striped/wavy, ...) are put in different halves of the
-base-to-novel split. Their training crops keep at least half of the picture (data.DatasetInfo.min_crop). Command line: `python demo.py {pretrain,datasets,prepare,zeroshot}`; the cache is
+base-to-novel split. Their training crops keep at least half of the picture (data.DatasetInfo.min_crop).
+Command line: `python demo.py {pretrain,datasets,prepare,zeroshot}`; the cache is
 ~/.cache/calibrated-prompts/demo, or $CP_DEMO_DIR.
 """
 from __future__ import annotations
@@ -549,6 +550,39 @@ def zeroshot(root: Path | str | None = None, checkpoint: Path | str | None = Non
     return rows
 
 
+def linear_probe(root: Path | str | None = None, checkpoint: Path | str | None = None, shots: int = 16,
+                 seed: int = 1, steps: int = 300) -> dict[str, float]:
+    """Base-class test accuracy (percent) of a linear classifier on the frozen image features, per dataset.
+
+    A ceiling check for every text-side method: the classifier starts at the zero-shot one (logit scale x
+    the template's text features), is fitted to the same few-shot training images the methods see (seed
+    `seed`, no augmentation) with Adam and a small L2 penalty, and is tested on the base test split.
+    """
+    root = Path(root or default_root())
+    model, _ = clip.load(str(checkpoint or backbone()), device="cpu")
+    transform = data.test_transform(model.visual.input_resolution)
+
+    def encode(items):
+        images = torch.stack([transform(data.load_image(d.impath)) for d in items])  # (M, 3, RES, RES)
+        with torch.no_grad():
+            return F.normalize(model.encode_image(images), dim=-1), torch.tensor([d.label for d in items])
+
+    out = {}
+    for key in DEMO:
+        base, _ = data.base_to_novel(key, root, shots, seed)
+        (x, y), (x_test, y_test) = encode(base.train), encode(base.test)
+        text = evaluation.text_features(model, data.prompts(key, base.classnames))  # (C, E)
+        weight = (model.logit_scale.exp().detach() * text).requires_grad_(True)  # (C, E)
+        opt = torch.optim.Adam([weight], lr=0.05)
+        for _ in range(steps):
+            loss = F.cross_entropy(x @ weight.t(), y) + 1e-3 * weight.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[key] = 100 * ((x_test @ weight.detach().t()).argmax(1) == y_test).float().mean().item()
+    return out
+
+
 def format_zeroshot(rows: list[dict]) -> str:
     lines = ["dataset        classes  base acc  chance  ratio | novel acc  chance  ratio"]
     for r in rows:
@@ -568,7 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, text in (("datasets", "write the missing demo datasets; print the data root"),
                        ("prepare", "pretrain and write what is missing; print DEMO_ROOT=... and DEMO_BACKBONE=..."),
                        ("zeroshot", "print the tiny CLIP's zero-shot base/novel accuracy on the demo datasets")):
-        sub.add_parser(name, help=text).add_argument("--root", help=f"data root (default {default_root()})")
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--root", help=f"data root (default {default_root()})")
+    p.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear probe on "
+                   "the frozen image features (16 shots, seed 1): the ceiling for text-side prompt tuning")
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         print(pretrain() if args.force else backbone())
@@ -581,6 +618,9 @@ def main(argv: list[str] | None = None) -> None:
         ckpt, root = backbone(), write_datasets(args.root)
         print(f"zero-shot accuracy (%), template {data.template(next(iter(DEMO)))!r}, checkpoint {ckpt}, data {root}")
         print(format_zeroshot(zeroshot(root, ckpt)))
+        if args.probe:
+            probe = linear_probe(root, ckpt)
+            print("linear probe, base test accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ prompts (same logits, tested against the loop). At test time the images are take
 max(1, chunk_size // C), so an encoder pass holds at most chunk_size prompts and a group's prompt tensor
 at most max(chunk_size, C), which keeps ImageNet's 500 or 1000 classes on one GPU. The default 1024
 (about 25k tokens for prompts cut after EOT at ~25 tokens) keeps a GPU busy and makes a batch-1 training
-step one pass for up to 1024 classes. In training all chunks stay in the autograd graph, so memory grows with B*C as
-in the official code; --checkpoint-text keeps only each block's input.
+step one pass for up to 1024 classes. In training all chunks stay in the autograd graph, so memory grows
+with B*C as in the official code; --checkpoint-text keeps only each block's input.
 
 DAC needs one (C, E) text feature per class, but CoCoOp's depend on the image. tuned_text_fn conditions
 every class list (the training classes and every test split) on one fixed vector: the L2-normalised mean

@@ -103,6 +103,15 @@ def test_zero_shot_beats_chance_three_times_on_base_and_novel(root, checkpoint):
         assert r["base_acc"] >= 3 * r["base_chance"], r
 
 
+def test_linear_probe_starts_at_zero_shot(root, checkpoint):
+    """With no fitting steps the probe is the zero-shot classifier, so it must reproduce zero-shot's base
+    accuracy exactly; fitted, it stays a percentage."""
+    zero_shot = {r["dataset"]: r["base_acc"] for r in demo.zeroshot(root, checkpoint)}
+    assert demo.linear_probe(root, checkpoint, steps=0) == pytest.approx(zero_shot, abs=1e-9)
+    fitted = demo.linear_probe(root, checkpoint, steps=20)
+    assert fitted.keys() == zero_shot.keys() and all(0 <= v <= 100 for v in fitted.values())
+
+
 def test_prepare_prints_only_shell_assignments(root, checkpoint):
     out = subprocess.run([sys.executable, str(REPO / "demo.py"), "prepare"], capture_output=True, text=True,
                          check=True, cwd=REPO, env=dict(os.environ)).stdout
