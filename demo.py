@@ -17,9 +17,13 @@ claims decide which pictures it is true of; the contrastive loss counts every tr
 as a positive ("a circle" fits every circle), not only the one drawn with the picture.
 
 The tiny CLIP (`clip.model.tiny_clip`: ViT image tower with 4-pixel patches, 3-layer text tower,
-context 32, logit scale fixed at CLIP's 100) is pretrained on a stream of such batches and cached as a plain
-state dict that `clip.load(path)` reads. The three demo datasets are drawn from the same world under a distribution shift,
-so zero-shot transfer works but is imperfect and prompt tuning has something to learn:
+context 32, logit scale fixed at CLIP's 100) was pretrained on a stream of such batches by `python demo.py
+pretrain` and ships with the repository (`SHIPPED`, fp16, 1.7 MB): pretraining is deterministic on one
+machine, but other processors round differently and the differences grow over 1600 steps into different
+models (zero-shot accuracy 4-7 points apart), so every machine starts from the shipped one instead. It is
+unpacked into the cache as a plain state dict that `clip.load(path)` reads. The three demo datasets are drawn
+from the same world under a distribution shift, so zero-shot transfer works but is imperfect and prompt
+tuning has something to learn:
 
 * demo_shapes: the 12 shapes in any colour on blotchy "cloudy" backgrounds never seen in pretraining;
 * demo_colours: 5 colours x 4 shapes ("red circle", ...) under a randomly coloured light; base and novel
@@ -29,7 +33,7 @@ so zero-shot transfer works but is imperfect and prompt tuning has something to 
 
 Look-alike pairs (circle/square, star/cross, striped/wavy, ...) are put in different halves of the
 base-to-novel split. Their training crops keep at least half of the picture (data.DatasetInfo.min_crop).
-Command line: `python demo.py {pretrain,datasets,prepare,zeroshot}`; the cache is
+Command line: `python demo.py {prepare,datasets,zeroshot,report,pretrain}`; the cache is
 ~/.cache/calibrated-prompts/demo, or $CP_DEMO_DIR.
 """
 from __future__ import annotations
@@ -38,9 +42,12 @@ import argparse
 import contextlib
 import ctypes
 import functools
+import hashlib
+import io
 import json
 import math
 import os
+import platform
 import shlex
 import sys
 import tempfile
@@ -58,7 +65,11 @@ import data
 import eval as evaluation
 from clip.model import tiny_clip
 
-VERSION = 3  # part of every cache name: bump it when the world, the model or the recipe changes
+VERSION = 4  # part of every cache name: bump it when the world, the model or the recipe changes
+# The tiny CLIP pretrained by `python demo.py pretrain` (`pack`ed: fp16, trained token rows only), shipped so
+# that every machine starts from the same model; its sha256 is checked before use.
+SHIPPED = Path(__file__).resolve().parent / "assets" / f"tiny_clip_v{VERSION}.pt"
+SHIPPED_SHA256 = "62be74bfe9d7d9cc10115d527f151c2e5d00b362f9b8b2d2f2ff3973b8c4ac6e"
 RES, SS = 32, 4  # image side (= the model's input resolution) and supersampling factor of the masks
 N = RES * SS
 MODEL_SIZES = dict(embed_dim=128, image_resolution=RES, vision_layers=4, vision_width=64, vision_patch_size=4,
@@ -356,10 +367,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CP_DEMO_DIR") or Path.home() / ".cache" / "calibrated-prompts" / "demo")
 
 
-def checkpoint_path(seed: int = 0) -> Path:
-    return cache_dir() / f"tiny_clip_v{VERSION}_seed{seed}.pt"
-
-
 @contextlib.contextmanager
 def _locked(path: Path):
     """Hold an exclusive lock file next to `path`, so concurrent runs build a cache entry once."""
@@ -423,15 +430,20 @@ def _train(model, seed: int, steps: int, log) -> None:
                 log(f"pretrain step {step + 1}/{steps}  loss {running:.3f}  {time.time() - start:.0f}s")
 
 
-def pretrain(seed: int = 0, steps: int = STEPS, path: Path | str | None = None, log=None) -> Path:
-    """Pretrain the tiny CLIP on the world and save its state dict at `path` (atomically).
+def pretrain(seed: int = 0, steps: int = STEPS, log=None) -> dict[str, torch.Tensor]:
+    """Pretrain the tiny CLIP on the world; returns its fp32 state dict.
 
-    Deterministic: seeded, deterministic algorithms, and one torch thread (results then do not depend on
-    the number of cores; and two threads were several times slower, not faster, whenever another process
-    shared the cores). The caller's thread count and determinism flag are restored afterwards.
+    Deterministic on a given machine and software: seeded, deterministic algorithms, and one torch thread,
+    whatever the caller's thread settings (two threads were also several times slower, not faster, whenever
+    another process shared the cores); the caller's thread count and determinism flag are restored. CPU
+    kernels of other processors or library versions round differently, which is why the repository ships
+    the result (`SHIPPED`) instead of pretraining on every machine.
+
+    Token embedding rows of the ~80 tokens that never occur in the world's captions get no gradient, so they
+    would keep their random initial values; they are set to zero, so the model maps unseen words to nothing
+    rather than to noise, and the shipped file need not store them.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    path = Path(path or checkpoint_path(seed))
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     _tune_malloc()
     start = time.time()
@@ -446,25 +458,91 @@ def pretrain(seed: int = 0, steps: int = STEPS, path: Path | str | None = None, 
         with torch.no_grad():
             model.logit_scale.fill_(math.log(100))
         model.logit_scale.requires_grad_(False)
+        initial = model.token_embedding.weight.detach().clone()  # (V, D)
         _train(model, seed, steps, log)
+        with torch.no_grad():
+            model.token_embedding.weight[(model.token_embedding.weight == initial).all(dim=1)] = 0
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
+    log(f"pretrained the tiny CLIP in {time.time() - start:.0f}s")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_state(state: dict, path: Path | str) -> None:
+    """torch.save, atomically (readers see no file or the whole file), with the same bytes for the same state:
+    saved through a file object, torch names the archive inside the zip "archive", not after the file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)  # atomic: readers see no file or the whole file
-    log(f"pretrained the tiny CLIP in {time.time() - start:.0f}s -> {path}")
-    return path
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def backbone(seed: int = 0) -> Path:
-    """The cached checkpoint, pretrained on first use."""
-    path = checkpoint_path(seed)
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A hash of the names, dtypes, shapes and values of a state dict (not of a file's bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pack(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shipped form: fp16 (the logit scale fp32, so it stays exactly 100), and of the token embedding
+    only its non-zero rows and their ids."""
+    emb = state["token_embedding.weight"]  # (V, D)
+    ids = emb.ne(0).any(dim=1).nonzero()[:, 0]  # (T,) the tokens pretraining trained
+    out = {k: v if k == "logit_scale" else v.half() for k, v in state.items() if k != "token_embedding.weight"}
+    out.update({"token_embedding.ids": ids, "token_embedding.rows": emb[ids].half(),  # (T,), (T, D)
+                "token_embedding.shape": torch.tensor(emb.shape)})
+    return out
+
+
+def unpack(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`pack`'s inverse, up to its fp16 rounding: a plain fp32 state dict that clip.load reads."""
+    rows = {k: packed[f"token_embedding.{k}"] for k in ("ids", "rows", "shape")}
+    out = {k: v.float() for k, v in packed.items() if not k.startswith("token_embedding.")}
+    weight = torch.zeros(rows["shape"].tolist())  # (V, D)
+    out["token_embedding.weight"] = weight.index_copy_(0, rows["ids"], rows["rows"].float())
+    return out
+
+
+class ShippedCheckpointError(RuntimeError):
+    """The shipped tiny CLIP is missing or is not the file this demo.py was written for."""
+
+
+def read_shipped(path: Path | str | None = None, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The shipped checkpoint (default SHIPPED), unpacked, after checking the file's sha256."""
+    path, sha256 = Path(path or SHIPPED), sha256 or SHIPPED_SHA256
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ShippedCheckpointError(f"cannot read the demo's tiny CLIP {path} ({e.strerror}); restore it with "
+                                     f"`git checkout -- {path.name}` in {path.parent}") from e
+    found = hashlib.sha256(raw).hexdigest()
+    if found != sha256:
+        raise ShippedCheckpointError(
+            f"the demo's tiny CLIP {path} has sha256 {found[:16]}..., demo.py expects {sha256[:16]}...; restore "
+            f"it with `git checkout -- {path.name}` in {path.parent} (a Git LFS pointer or a line-ending filter "
+            "also changes it), or after `python demo.py pretrain` set SHIPPED_SHA256 to the hash it prints")
+    return unpack(torch.load(io.BytesIO(raw), weights_only=True))
+
+
+def backbone() -> Path:
+    """The shipped tiny CLIP as a plain fp32 state dict for clip.load, unpacked into the cache on first use."""
+    path = cache_dir() / f"tiny_clip_v{VERSION}_{SHIPPED_SHA256[:12]}.pt"  # a new shipped file, a new name
     with _locked(path):
-        return path if path.is_file() else pretrain(seed, path=path)
+        if not path.is_file():
+            save_state(read_shipped(), path)
+    return path
 
 
 # ----------------------------------------------------------------------------- demo datasets
@@ -594,33 +672,102 @@ def format_zeroshot(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+def machine() -> str:
+    """What the figures were measured on: processor, cores, Python, torch and its BLAS."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, torch "
+            f"{torch.__version__} ({blas}, CPU capability {torch.backends.cpu.get_cpu_capability()})")
+
+
+def report(runs: Path | str, root: Path | str | None = None, checkpoint: Path | str | None = None) -> str:
+    """The README's demo tables: zero-shot and the linear probe, then every method x calibration in the run.sh
+    output `runs` (e.g. output/demo) as the range over seeds of base / novel accuracy and ECE."""
+    ckpt, root = checkpoint or backbone(), root or write_datasets()
+    zs = {r["dataset"]: r for r in zeroshot(root, ckpt)}
+    probe = linear_probe(root, ckpt)
+    lines = [f"Measured on: {machine()}", f"Tiny CLIP: {SHIPPED.name} (sha256 {SHIPPED_SHA256[:12]}...)", "",
+             "| dataset | classes (base+novel) | zero-shot base acc | novel acc | chance | linear probe, base |",
+             "|---|---|---|---|---|---|"]
+    for key, r in zs.items():
+        lines.append(f"| {key} | {r['base_classes']}+{r['novel_classes']} | {r['base_acc']:.1f} | {r['novel_acc']:.1f} "
+                     f"| {r['base_chance']:.1f} | {probe[key]:.1f} |")
+    records, _ = evaluation.load_results(runs)
+    groups: dict[tuple, dict[str, list]] = {}
+    for rec in records:
+        if rec.get("demo") and rec.get("protocol") == "base2new":
+            runs_of = groups.setdefault((rec["method"], rec["calib"], rec["dataset"]), {})
+            for split in ("base", "novel"):
+                for metric in ("acc", "ece"):
+                    runs_of.setdefault(f"{split}_{metric}", []).append(rec["metrics"][split]["raw"][metric])
+            runs_of.setdefault("seeds", []).append(rec["seed"])
+    if groups:
+        lines += ["", "Ranges over seeds (min-max), raw logits:", "",
+                  "| method | calib | dataset | seeds | base acc | novel acc | base ECE | novel ECE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (method, calib, key), v in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], list(DEMO).index(
+                kv[0][2]) if kv[0][2] in DEMO else 99)):
+            cells = [f"{min(v[c]):.1f}-{max(v[c]):.1f}" for c in ("base_acc", "novel_acc", "base_ece", "novel_ece")]
+            lines.append(f"| {method} | {calib} | {key} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain the tiny CLIP unless cached; print the checkpoint path")
-    p.add_argument("--force", action="store_true", help="pretrain again even if the checkpoint exists")
+    p = sub.add_parser("pretrain", help="pretrain the tiny CLIP from scratch (minutes) and write it in the shipped "
+                       "form; prints its sha256, for SHIPPED_SHA256")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"training steps (the shipped model: {STEPS})")
+    p.add_argument("--out", default=str(SHIPPED), help="where to write it (default: the shipped file)")
     for name, text in (("datasets", "write the missing demo datasets; print the data root"),
-                       ("prepare", "pretrain and write what is missing; print DEMO_ROOT=... and DEMO_BACKBONE=..."),
-                       ("zeroshot", "print the tiny CLIP's zero-shot base/novel accuracy on the demo datasets")):
+                       ("prepare", "unpack the shipped tiny CLIP and write the missing datasets; print "
+                                   "DEMO_ROOT=... and DEMO_BACKBONE=..."),
+                       ("zeroshot", "print the tiny CLIP's zero-shot base/novel accuracy on the demo datasets"),
+                       ("report", "print the README's demo tables from a run.sh output folder")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--root", help=f"data root (default {default_root()})")
-    p.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear probe on "
-                   "the frozen image features (16 shots, seed 1): the ceiling for text-side prompt tuning")
+        if name == "zeroshot":
+            p.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear "
+                           "probe on the frozen image features (16 shots, seed 1): the ceiling for text-side "
+                           "prompt tuning")
+        if name == "report":
+            p.add_argument("runs", help="run.sh's demo output, e.g. output/demo")
     args = parser.parse_args(argv)
     if args.command == "pretrain":
-        print(pretrain() if args.force else backbone())
-    elif args.command == "datasets":
-        print(write_datasets(args.root))
-    elif args.command == "prepare":  # stdout is for `eval "$(python demo.py prepare)"`; progress goes to stderr
-        ckpt, root = backbone(), write_datasets(args.root)
-        print(f"DEMO_ROOT={shlex.quote(str(root))}\nDEMO_BACKBONE={shlex.quote(str(ckpt))}")
-    else:
-        ckpt, root = backbone(), write_datasets(args.root)
-        print(f"zero-shot accuracy (%), template {data.template(next(iter(DEMO)))!r}, checkpoint {ckpt}, data {root}")
-        print(format_zeroshot(zeroshot(root, ckpt)))
-        if args.probe:
-            probe = linear_probe(root, ckpt)
-            print("linear probe, base test accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
+        if args.steps < 1:
+            parser.exit(2, f"error: --steps must be at least 1, got {args.steps}\n")
+        state = pretrain(steps=args.steps)
+        save_state(pack(state), args.out)
+        print(f"weights sha256 {state_sha256(state)}")
+        raw = Path(args.out).read_bytes()
+        print(f"wrote {args.out} ({len(raw)} bytes), sha256 {hashlib.sha256(raw).hexdigest()}")
+        return
+    try:
+        if args.command == "datasets":
+            print(write_datasets(args.root))
+        elif args.command == "prepare":  # stdout is for `eval "$(python demo.py prepare)"`; progress goes to stderr
+            ckpt, root = backbone(), write_datasets(args.root)
+            print(f"DEMO_ROOT={shlex.quote(str(root))}\nDEMO_BACKBONE={shlex.quote(str(ckpt))}")
+        elif args.command == "report":
+            if not Path(args.runs).is_dir():
+                parser.exit(1, f"error: no folder {args.runs}, the run.sh output to report on; run `bash run.sh "
+                               "coop` first (with no data it runs the demo world into output/demo)\n")
+            print(report(args.runs, args.root))
+        else:
+            ckpt, root = backbone(), write_datasets(args.root)
+            print(f"zero-shot accuracy (%), template {data.template(next(iter(DEMO)))!r}, checkpoint {ckpt}, "
+                  f"data {root}")
+            print(format_zeroshot(zeroshot(root, ckpt)))
+            if args.probe:
+                probe = linear_probe(root, ckpt)
+                print("linear probe, base test accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
+    except ShippedCheckpointError as e:
+        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":

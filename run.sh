@@ -37,7 +37,7 @@ A dataset is present when its folder is in DATA: imagenet caltech-101 oxford_pet
 oxford_flowers food-101 fgvc_aircraft sun397 dtd eurosat ucf101 (README section "Datasets").
 Missing ones are listed at the start and the end and skipped; the exit status is then 1.
 When none is present, run.sh falls back to the demo world (`python demo.py prepare`: synthetic datasets
-and a tiny CLIP, minutes on a laptop CPU): datasets demo_shapes demo_colours demo_patterns, output
+and the shipped tiny CLIP, seconds on a laptop CPU): datasets demo_shapes demo_colours demo_patterns, output
 under OUTPUT/demo. Its numbers are not the paper's.
 
 Exit status: 0 every run complete; 1 a run failed, a requested dataset was missing, or the summary

@@ -1,9 +1,11 @@
 """demo.py: the world is deterministic, the datasets have CoOp's layout, the tiny CLIP transfers zero-shot.
 
-The end-to-end tests use the cached checkpoint and datasets (under $CP_DEMO_DIR or
-~/.cache/calibrated-prompts/demo), creating them on first use: pretraining runs once per machine.
+The end-to-end tests use the shipped tiny CLIP and the demo datasets, unpacked and written into the cache
+(under $CP_DEMO_DIR or ~/.cache/calibrated-prompts/demo) on first use.
 """
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,17 +61,74 @@ def test_caption_positives_follow_the_claims():
     assert pos.diagonal().all()
 
 
-def test_pretraining_is_deterministic_and_loads_through_clip_load(tmp_path):
+def test_pretraining_is_deterministic_and_restores_torch_settings(tmp_path):
     threads = torch.get_num_threads()
-    a = demo.pretrain(seed=1, steps=2, path=tmp_path / "a.pt", log=lambda m: None)
-    b = demo.pretrain(seed=1, steps=2, path=tmp_path / "b.pt", log=lambda m: None)
-    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    # The process's torch settings are left as they were.
+    a = demo.pretrain(seed=1, steps=2, log=lambda m: None)
+    b = demo.pretrain(seed=1, steps=2, log=lambda m: None)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
-    model, _ = clip.load(str(a), device="cpu")
+    emb = a["token_embedding.weight"]  # untrained rows (tokens absent from two batches of captions) are zero
+    assert 10 < emb.ne(0).any(dim=1).sum() < 1000 and emb[0].eq(0).all()
+    demo.save_state(a, tmp_path / "a.pt")
+    model, _ = clip.load(str(tmp_path / "a.pt"), device="cpu")
     assert model.context_length == demo.MODEL_SIZES["context_length"]
     assert model.visual.input_resolution == demo.RES and hasattr(model.visual, "class_embedding")  # a ViT
+
+
+def _pretrain_in_subprocess(out: Path, threads: int) -> list[str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, str(REPO / "demo.py"), "pretrain", "--steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
+def test_pretraining_gives_the_same_file_whatever_the_thread_settings(tmp_path):
+    """`python demo.py pretrain` under one and two threads, and pretrain() inside this test process (whatever
+    pytest and the earlier tests left set), give the same weights, and the files the same bytes."""
+    one = _pretrain_in_subprocess(tmp_path / "one.pt", 1)
+    two = _pretrain_in_subprocess(tmp_path / "two.pt", 2)
+    assert one[0] == two[0] and one[0].startswith("weights sha256 ")
+    assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "two.pt").read_bytes()
+    assert one[1].split("sha256 ")[1] == two[1].split("sha256 ")[1]
+    torch.set_num_threads(2)
+    try:
+        here = demo.pretrain(steps=3, log=lambda m: None)
+    finally:
+        torch.set_num_threads(1)
+    assert one[0] == f"weights sha256 {demo.state_sha256(here)}"
+    demo.save_state(demo.pack(here), tmp_path / "here.pt")
+    assert (tmp_path / "here.pt").read_bytes() == (tmp_path / "one.pt").read_bytes()
+
+
+def test_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
+    """The shipped file has the expected hash, unpacks to a model clip.load reads, and packs back to the same
+    bytes; a damaged or missing file is refused with one clear line."""
+    raw = demo.SHIPPED.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == demo.SHIPPED_SHA256 and len(raw) < 2_000_000
+    state = demo.read_shipped()
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert state["token_embedding.weight"].shape == (49408, demo.MODEL_SIZES["transformer_width"])
+    assert math.isclose(state["logit_scale"].exp().item(), 100, rel_tol=1e-6)
+    demo.save_state(demo.pack(state), tmp_path / "again.pt")
+    assert (tmp_path / "again.pt").read_bytes() == raw  # unpack loses nothing that pack kept
+    monkeypatch.setenv("CP_DEMO_DIR", str(tmp_path / "cache"))
+    path = demo.backbone()
+    assert path.parent == tmp_path / "cache" and demo.SHIPPED_SHA256[:12] in path.name
+    model, _ = clip.load(str(path), device="cpu")
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k].float(), state[k]) for k in state)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(raw[:-10] + bytes(10))
+    with pytest.raises(demo.ShippedCheckpointError, match="damaged.pt has sha256 .* demo.py expects"):
+        demo.read_shipped(damaged)
+    monkeypatch.setenv("CP_DEMO_DIR", str(tmp_path / "cache2"))  # no unpacked copy yet
+    monkeypatch.setattr(demo, "SHIPPED", tmp_path / "missing.pt")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["prepare"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: cannot read the demo's tiny CLIP") and "missing.pt" in err
+    assert err.count("\n") == 1 and "git checkout" in err
 
 
 def test_datasets_have_the_split_file_layout(root):
@@ -118,18 +177,53 @@ def test_prepare_prints_only_shell_assignments(root, checkpoint):
     assert out.splitlines() == [f"DEMO_ROOT={root}", f"DEMO_BACKBONE={checkpoint}"]
 
 
-def test_coop_beats_zero_shot_on_base_classes(root, checkpoint, tmp_path):
-    """Prompt tuning has something to learn in the demo world: 20 epochs of CoOp (run.sh's demo setting)
-    beat zero-shot CLIP on demo_colours' base classes, on the mean of seeds 1-3 (measured: 87.67% against
-    85.25%; single seeds 87.25, 87.50, 88.25)."""
+def test_prompt_tuning_runs_and_learns_in_the_demo_world(root, checkpoint, tmp_path):
+    """20 epochs of CoOp (run.sh's demo setting) on demo_colours, seeds 1-3, beside zero-shot CLIP. Asserted is
+    only what holds by a margin wider than the spread measured across environments (README, "The demo
+    world"): every run completes, the training loss falls, CoOp stays within MARGIN points of zero-shot on the
+    base classes and far above chance on the novel ones. That CoOp beats zero-shot is not asserted: it does
+    here by under three points, and a claim about the toy that holds by a point or two is no test."""
     common = ["--dataset", "demo_colours", "--root", str(root), "--backbone", str(checkpoint),
               "--output", str(tmp_path), "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CP_CACHE=str(tmp_path / "splits"))
     runs = [("zeroshot", 1, [])] + [("coop", seed, ["--epochs", "20"]) for seed in (1, 2, 3)]
+    losses = {}
     for method, seed, extra in runs:
-        subprocess.run([sys.executable, str(REPO / "methods" / f"{method}.py"), *common, "--seed", str(seed), *extra],
-                       check=True, cwd=REPO, env=env, capture_output=True, text=True)
-    acc = {(m, seed): json.loads((tmp_path / "base2new" / m / "none" / "demo_colours" / f"seed{seed}" / "results.json")
-                                 .read_text())["metrics"]["base"]["raw"]["acc"] for m, seed, _ in runs}
-    coop = sum(acc["coop", seed] for seed in (1, 2, 3)) / 3
-    assert coop > acc["zeroshot", 1] + 1.0, acc
+        proc = subprocess.run([sys.executable, str(REPO / "methods" / f"{method}.py"), *common, "--seed", str(seed),
+                               *extra], check=True, cwd=REPO, env=env, capture_output=True, text=True)
+        losses[seed] = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines()
+                        if line.startswith("epoch ")]
+    metrics = {(m, seed): json.loads((tmp_path / "base2new" / m / "none" / "demo_colours" / f"seed{seed}" /
+                                      "results.json").read_text())["metrics"] for m, seed, _ in runs}
+    for seed in (1, 2, 3):
+        assert len(losses[seed]) == 20, losses[seed]
+        assert metrics["coop", seed]["novel"]["raw"]["acc"] >= 5 * 10, metrics["coop", seed]["novel"]["raw"]
+    # An epoch is 5 batches, so its loss is noisy (sd about 0.04 around 0.55): compare the first and the last
+    # five epochs pooled over the seeds (measured 0.596 -> 0.540, about four times the noise of the difference).
+    early = sum(sum(losses[seed][:5]) for seed in (1, 2, 3)) / 15
+    late = sum(sum(losses[seed][-5:]) for seed in (1, 2, 3)) / 15
+    assert late < early, (early, late)
+    zero_shot = metrics["zeroshot", 1]["base"]["raw"]["acc"]
+    coop = sum(metrics["coop", seed]["base"]["raw"]["acc"] for seed in (1, 2, 3)) / 3
+    assert coop >= zero_shot - MARGIN, (coop, zero_shot)
+
+
+# Points of base accuracy. Measured on the shipped model: CoOp 91.8 (seed mean) against zero-shot 89.0, and
+# the same accuracies to the last digit under three sets of CPU kernels (README, "The demo world").
+MARGIN = 3.0
+
+
+def test_report_tables(root, checkpoint, tmp_path):
+    """`python demo.py report` prints the README's tables: zero-shot, the probe, and seed ranges per run group."""
+    for seed, (acc, ece) in enumerate([(80.0, 5.0), (82.5, 7.5)], 1):
+        folder = tmp_path / "base2new" / "coop" / "ours" / "demo_shapes" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        split = {"raw": {"acc": acc, "ece": ece}}
+        (folder / "results.json").write_text(json.dumps({
+            "method": "coop", "calib": "ours", "dataset": "demo_shapes", "protocol": "base2new", "seed": seed,
+            "demo": True, "complete": True, "metrics": {"base": split, "novel": split}}))
+    text = demo.report(tmp_path, root, checkpoint)
+    assert text.startswith("Measured on: ") and f"sha256 {demo.SHIPPED_SHA256[:12]}" in text
+    assert "| coop | ours | demo_shapes | 2 | 80.0-82.5 | 80.0-82.5 | 5.0-7.5 | 5.0-7.5 |" in text
+    zs = {r["dataset"]: r for r in demo.zeroshot(root, checkpoint)}
+    assert f"| demo_colours | 10+10 | {zs['demo_colours']['base_acc']:.1f} | " in text
