@@ -14,7 +14,8 @@ Everything that must be identical across methods for a fair comparison lives her
   on) the caller's global RNG and a cache hit leaves the process in the same state as a miss.
 * `subsample_classes` / `base_to_novel`: sorted train labels, base = first ceil(n/2), relabelled 0..k-1.
 * Per-dataset templates (three columns of section 7) and the 80 CLIP ImageNet templates.
-* Section-5 transforms, DataLoaders and `ImageCache`, a decoded-image cache for few-shot training sets.
+* Section-5 transforms, the evaluation DataLoader, and `TrainImages`: the few-shot training images decoded
+  once and augmented per batch on the training device.
 
 Decisions where the protocol leaves room:
 * ImageNet-A/-R: the 200 wnid folders are relabelled 0..199 in sorted-wnid order (as CoOp does) and
@@ -41,10 +42,13 @@ import random
 import tempfile
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -577,129 +581,205 @@ def load_image(path: str) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 
 
-class ImageCache:
-    """Decoded RGB images kept in memory up to `budget_bytes`; images beyond it are read from disk.
-
-    Fill it in the main process (train_loader does) before the loader starts its workers: forked
-    workers then share the pixels copy-on-write (PIL keeps them outside Python objects, so reference
-    counting does not copy them). Under the "spawn" start method each worker gets its own pickled copy.
-    Only decoding is cached; random augmentation still runs on every access.
-    """
-
-    def __init__(self, budget_bytes: int = 2 * 1024**3) -> None:
-        self.budget_bytes = budget_bytes
-        self.nbytes = 0
-        self._images: dict[str, Image.Image] = {}
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __contains__(self, path: str) -> bool:
-        return path in self._images
-
-    def fill(self, paths: Iterable[str], desc: str = "decoding images") -> int:
-        """Decode `paths` not cached yet until the budget is reached; returns how many are cached."""
-        todo = [p for p in dict.fromkeys(paths) if p not in self._images]
-        for path in tqdm(todo, desc=desc, disable=not todo):
-            img = load_image(path)
-            size = 4 * img.width * img.height  # PIL stores an RGB pixel in 4 bytes
-            if self.nbytes + size > self.budget_bytes:
-                break  # the rest is read from disk on every access
-            self._images[path] = img
-            self.nbytes += size
-        return len(self._images)
-
-    def get(self, path: str) -> Image.Image:
-        img = self._images.get(path)
-        return img if img is not None else load_image(path)
-
-
 class ImageList(Dataset):
-    """(transform(image), label) for a list of Datum, reading through an optional ImageCache."""
+    """(transform(image), label) for a list of Datum: the evaluation images, decoded in loader workers."""
 
-    def __init__(self, items: Sequence[Datum], transform: Callable, cache: ImageCache | None = None):
-        self.items, self.transform, self.cache = list(items), transform, cache
+    def __init__(self, items: Sequence[Datum], transform: Callable):
+        self.items, self.transform = list(items), transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         d = self.items[i]
-        img = self.cache.get(d.impath) if self.cache is not None else load_image(d.impath)
-        return self.transform(img), d.label
+        return self.transform(load_image(d.impath)), d.label
 
 
 def _is_cuda(device: str | torch.device | None) -> bool:
     return torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM or taskset allocation, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(device: str | torch.device | None) -> int:
-    """min(4, CPUs) when training on CUDA (keep the GPU fed); 0 on CPU, where worker processes would
-    compete with the model for the same cores."""
-    return min(4, os.cpu_count() or 1) if _is_cuda(device) else 0
-
-
-def _loader(dataset: ImageList, batch_size: int, device, num_workers: int | None, **kw) -> DataLoader:
-    if len(dataset) == 0:
-        raise ValueError("cannot build a DataLoader over an empty item list")
-    workers = default_workers(device) if num_workers is None else num_workers
-    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=_is_cuda(device),
-                      persistent_workers=workers > 0, **kw)
-
-
-def train_loader(items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device | None,
-                 num_workers: int | None = None, cache: ImageCache | None = None,
-                 seed: int | None = None, min_crop: float = 0.08) -> DataLoader:
-    """Shuffled, augmented; drops the last incomplete batch when there is at least one full batch.
-
-    `seed` fixes the shuffling order and the workers' augmentation seeds; with 0 workers augmentation
-    draws from the global torch RNG, which the methods seed.
-    """
-    if cache is not None:
-        cache.fill(d.impath for d in items)  # before workers fork, so they share it
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return _loader(ImageList(items, train_transform(n_px, min_crop), cache), batch_size, device, num_workers,
-                   shuffle=True, drop_last=len(items) >= batch_size, generator=generator)
+    """Decoding processes (evaluation) and threads (training images): min(8, usable CPUs) on CUDA, where PIL
+    decoding and resizing are what the GPU waits for; 0 on CPU, where they would compete with the model."""
+    return min(8, usable_cpus()) if _is_cuda(device) else 0
 
 
 def test_loader(items: Sequence[Datum], n_px: int, batch_size: int = 100,
                 device: str | torch.device | None = None, num_workers: int | None = None) -> DataLoader:
     """Fixed order, no augmentation, every item (device None = CUDA if available)."""
-    return _loader(ImageList(items, test_transform(n_px)), batch_size, device, num_workers,
-                   shuffle=False, drop_last=False)
+    if len(items) == 0:
+        raise ValueError("cannot build a DataLoader over an empty item list")
+    workers = default_workers(device) if num_workers is None else num_workers
+    return DataLoader(ImageList(items, test_transform(n_px)), batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=_is_cuda(device), persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- training images on the device
+
+
+def crop_box(height: int, width: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop.get_params, step for step (ten tries
+    at an area fraction in `scale` and a log-uniform aspect ratio in `ratio`, then the central-crop fallback),
+    drawing from `generator` instead of the global RNG, so the same generator state gives the same box."""
+    area = height * width
+    log_lo, log_hi = torch.log(torch.tensor(ratio)).tolist()
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize(crop: torch.Tensor, n_px: int, uint8_kernel: bool | None = None) -> torch.Tensor:
+    """(3, h, w) uint8 -> (3, n_px, n_px) float32 holding whole grey levels 0..255: bicubic with antialiasing,
+    as PIL resizes a uint8 image.
+
+    uint8_kernel (default: on the CPU) uses torch's uint8 kernel, a port of PIL's fixed-point resampling.
+    Otherwise (CUDA has no uint8 bicubic kernel) it runs in float32 as PIL does, horizontal pass first, each
+    pass rounded and clamped to 0..255 as PIL stores it; a single 2-D float pass would differ from PIL about 50
+    times more (README, "Training images on the device").
+    """
+    if crop.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
+        return F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True)[0].float()
+    x = crop[None].float()  # (1, 3, h, w)
+    x = F.interpolate(x, size=(x.shape[2], n_px), mode="bicubic", antialias=True).clamp_(0, 255).round_()
+    x = F.interpolate(x, size=(n_px, n_px), mode="bicubic", antialias=True).clamp_(0, 255).round_()
+    return x[0]
+
+
+class TrainImages:
+    """The few-shot training set, decoded once and augmented per batch on the training device.
+
+    Every image is decoded to RGB uint8 at its full resolution (a pre-shrunk image would change what a small
+    crop sees) into one flat buffer: on the training device when all of them fit `budget_bytes`, otherwise in
+    host memory (pinned on CUDA, so each crop's rows are copied asynchronously). Each batch then takes, per
+    image, a RandomResizedCrop box (`crop_box`, scale (min_crop, 1)) and a horizontal flip with p 0.5 from a
+    torch.Generator seeded with `seed`, resizes the crop to n_px (`resize`) and applies CLIP's normalisation:
+    (B, 3, n_px, n_px) float32 on the device, with no loader workers. Iterating gives one epoch: a fresh
+    permutation, batches of `batch_size`, the last incomplete batch dropped when there is at least one full
+    batch (as the DataLoader it replaces did). `data.train_transform` is the PIL version of the same
+    augmentation; the README ("Training images on the device") measures how far the pixels differ.
+    """
+
+    def __init__(self, items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device,
+                 seed: int, min_crop: float = 0.08, budget_bytes: int = 2 * 1024**3,
+                 num_workers: int | None = None):
+        if len(items) == 0:
+            raise ValueError("cannot train on an empty item list")
+        self.items, self.n_px, self.batch_size, self.device = list(items), n_px, batch_size, torch.device(device)
+        self.scale = (min_crop, 1.0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.tensor([d.label for d in self.items], device=self.device)  # (N,)
+        mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+        self.mean, self.std = (255 * mean).view(3, 1, 1).to(self.device), (255 * std).view(3, 1, 1).to(self.device)
+        # Sizes from the headers first, so the buffer is allocated once and filled in place.
+        self.sizes = [_image_size(d.impath) for d in self.items]  # (h, w) per image
+        self.offsets = [0]
+        for h, w in self.sizes:
+            self.offsets.append(self.offsets[-1] + h * w * 3)
+        self.nbytes = self.offsets[-1]
+        cuda = self.device.type == "cuda"
+        self.on_device = self.device.type == "cpu" or self.nbytes <= budget_bytes
+        where = self.device if self.on_device else "cpu"
+        self.pixels = torch.empty(self.nbytes, dtype=torch.uint8, device=where, pin_memory=cuda and not self.on_device)
+        workers = default_workers(device) if num_workers is None else num_workers
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while it decodes
+            decoded = pool.map(lambda d: np.array(load_image(d.impath)), self.items)  # (h, w, 3)
+            for i, hwc in enumerate(tqdm(decoded, total=len(self.items), desc="decoding training images")):
+                if hwc.shape[:2] != self.sizes[i]:
+                    raise DatasetError(f"image {self.items[i].impath} decoded to {hwc.shape[:2]}, its header says "
+                                       f"{self.sizes[i]}")
+                self.pixels[self.offsets[i]:self.offsets[i + 1]].copy_(torch.from_numpy(hwc).view(-1))
+
+    def __len__(self) -> int:
+        n = len(self.items)
+        return n // self.batch_size if n >= self.batch_size else 1
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as a (h, w, 3) uint8 view of the buffer."""
+        h, w = self.sizes[i]
+        return self.pixels[self.offsets[i]:self.offsets[i + 1]].view(h, w, 3)
+
+    def augment(self, indices: Sequence[int]) -> torch.Tensor:
+        """A random crop of each image, resized to n_px, flipped with p 0.5, normalised: (B, 3, n_px, n_px)."""
+        out = torch.empty(len(indices), 3, self.n_px, self.n_px, device=self.device)  # (B, 3, n_px, n_px)
+        for k, i in enumerate(indices):
+            top, left, h, w = crop_box(*self.sizes[i], self.generator, self.scale)
+            flip = torch.rand(1, generator=self.generator).item() < 0.5  # RandomHorizontalFlip's draw
+            rows = self.image(i)[top:top + h]  # (h, W, 3): contiguous, so a pinned one is copied asynchronously
+            crop = rows.to(self.device, non_blocking=True)[:, left:left + w].permute(2, 0, 1)  # (3, h, w)
+            x = resize(crop, self.n_px)  # (3, n_px, n_px), values 0..255
+            out[k] = x.flip(-1) if flip else x
+        return out.sub_(self.mean).div_(self.std)  # = (x / 255 - mean) / std, CLIP's normalisation
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.items), generator=self.generator)  # (N,)
+        on_device = order.to(self.device)  # labels are gathered on the device: no copy, no sync per batch
+        order = order.tolist()  # the crops are drawn per image, on the host
+        size = min(self.batch_size, len(self.items))
+        for start in range(0, len(self) * size, size):
+            images, labels = self.augment(order[start:start + size]), self.labels[on_device[start:start + size]]
+            yield images, labels  # (B, 3, n_px, n_px), (B,)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding it."""
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except FileNotFoundError as e:
+        raise DatasetError(f"image not found: {path}; {HINT}") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
 
 
 class FeatureViews:
     """`--feature-cache K`: K augmented views of every training image, encoded once by a frozen image encoder.
 
-    Each epoch draws one of the K views per image and yields shuffled (features, labels) batches with the
-    same drop_last rule as `train_loader`, so training runs only the text side. A deviation from the
-    protocol (augmentation is limited to K fixed views per image), opt-in for methods whose image encoder
-    is frozen; the README's "Speed" section reports its speed-up and how far the metrics move.
+    The views come from `images.augment` in file order; each epoch draws one of the K views per image and
+    yields shuffled (features, labels) batches with the same drop_last rule as `TrainImages`, so training runs
+    only the text side. A deviation from the protocol (augmentation is limited to K fixed views per image),
+    opt-in for methods whose image encoder is frozen; the README's "Speed" section reports its speed-up and
+    how far the metrics move.
     """
 
-    def __init__(self, items: Sequence[Datum], encode_fn: Callable, n_px: int, views: int, batch_size: int,
-                 device, num_workers: int | None = None, cache: ImageCache | None = None, min_crop: float = 0.08):
-        if cache is not None:
-            cache.fill(d.impath for d in items)
-        loader = _loader(ImageList(items, train_transform(n_px, min_crop), cache), 100, device, num_workers,
-                         shuffle=False)
+    def __init__(self, images: TrainImages, encode_fn: Callable, views: int, chunk: int = 100):
+        n = len(images.items)
         feats = []
         with torch.no_grad():
             for _ in tqdm(range(views), desc=f"encoding {views} views", leave=False):
-                feats.append(torch.cat([encode_fn(x.to(device, non_blocking=True)) for x, _ in loader]))  # (N, E)
+                feats.append(torch.cat([encode_fn(images.augment(range(s, min(s + chunk, n))))
+                                        for s in range(0, n, chunk)]))  # (N, E)
         self.features = torch.stack(feats)  # (K, N, E)
-        self.labels = torch.tensor([d.label for d in items], device=self.features.device)  # (N,)
-        self.batch_size = batch_size
+        self.labels, self.batch_size, self.generator = images.labels, images.batch_size, images.generator
 
     def __len__(self) -> int:
         n = self.labels.numel()
         return n // self.batch_size if n >= self.batch_size else 1
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         k, n, _ = self.features.shape
-        view = torch.randint(k, (n,), device=self.features.device)  # one view per image this epoch
-        order = torch.randperm(n, device=self.features.device)
+        view = torch.randint(k, (n,), generator=self.generator).to(self.features.device)  # one view per image
+        order = torch.randperm(n, generator=self.generator).to(self.features.device)
         size = min(self.batch_size, n)
         for start in range(0, len(self) * size, size):
             idx = order[start:start + size]

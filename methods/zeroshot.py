@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the encoders; auto = fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.py's choice)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes decoding evaluation images (unset: min(8, CPUs) on CUDA, 0 elsewhere)")
     p.add_argument("--epochs", type=int, default=0, help="ignored (nothing is trained); accepted so run.sh can pass it")
     p.add_argument("--calib", default="none", choices=["none"], help="zero-shot CLIP has no training-time calibration")
     return p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Speed benchmark of the method scripts (issue 9). Not collected by pytest (no test_ prefix).
+"""Speed benchmark of the method scripts and the training data path. Not collected by pytest (no test_ prefix).
 
 Every methods/*.py except zeroshot.py is found and run in-process in a fresh worker subprocess, with
 ViT-B/16-sized random weights (clip.model.CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12), saved once
@@ -9,7 +9,8 @@ files are not changed: the worker times them from outside,
 - training step: an optimizer step post hook timestamps each step (torch.cuda.synchronize first on CUDA);
   step time = time between consecutive steps, the first step (warm-up) left out; the training loader is
   cut after --steps + 1 batches, so the epoch ends early and evaluation follows as in a normal run;
-- data time: the training DataLoader iterator's __next__ is timed (what the step waits for its batch);
+- data time: each fetch from the training batches (data.TrainImages, or data.FeatureViews) is timed (what the
+  step waits for, on CUDA the launch of the augmentation kernels: they run asynchronously);
 - evaluation: from the end of training (eval.save_prompt) to eval.write_results, over the val + test
   images of the protocol; every image that enters a 3-channel Conv2d (the patch embedding) is counted,
   so "enc/img" = images encoded per evaluated image (1.00 = each image encoded once);
@@ -20,7 +21,11 @@ files are not changed: the worker times them from outside,
 
 Sections (--sections, comma-separated; default all but featurecache):
   train         per method: median step time, data share, eval images/s, peak step memory, syncs (CUDA)
-  cache         CoOp at batch 32: data share with --image-cache-gb 0 and with the default cache
+  data          the training data path alone at batch 32 (500x375 JPEGs to 224 px): images/s of data.TrainImages
+                against the PIL loader it replaced (decoded images, data.train_transform in DataLoader workers),
+                on the CPU with 1 and 2 threads, on CUDA with the default worker count
+  cache         CoOp at batch 32: data share with the training images in host memory (--image-cache-gb 0) and
+                on the training device (the default)
   cocoop        CoCoOp's batched text encoding (prompts cut after the last EOT) against a per-image loop of the
                 same prompts and against the official per-image loop of full 77-token prompts, at batch 4
   memory        --checkpoint-text off/on for CoOp, KgCoOp, ProGrad (batch 32) and CoCoOp (batch 1), training
@@ -70,8 +75,8 @@ VIT_B16 = (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)  # clip.model.CLIP's ar
 TIMING_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
               "MALLOC_TOP_PAD_": "1073741824"}
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-SECTIONS = ("train", "cache", "cocoop", "memory", "demo", "featurecache")
-MEMORY_METHODS = {"coop": 32, "kgcoop": 32, "prograd": 32, "cocoop": 1}  # issue 9: batch size of the memory target
+SECTIONS = ("data", "train", "cache", "cocoop", "memory", "demo", "featurecache")
+MEMORY_METHODS = {"coop": 32, "kgcoop": 32, "prograd": 32, "cocoop": 1}  # batch size of each memory run
 DEMO_DATASETS = ("demo_shapes", "demo_colours", "demo_patterns")
 
 
@@ -194,9 +199,7 @@ class MemoryMeter:
 
 def worker_method(spec: dict) -> dict:
     """Run one method's main(argv) in this process, timed from outside (module docstring)."""
-    import torch.utils.data.dataloader as dl
     from torch.optim.optimizer import register_optimizer_step_post_hook
-    from torch.utils.data import RandomSampler
 
     import data
     import eval as evaluation
@@ -226,28 +229,14 @@ def worker_method(spec: dict) -> dict:
         if st["batches"] == 2:  # the first timed step: watch for host-device syncs from here
             set_sync_mode(True)
 
-    orig_next = dl._BaseDataLoaderIter.__next__
-
-    def timed_next(self):
-        if not (st["train"] and isinstance(getattr(self._index_sampler, "sampler", None), RandomSampler)):
-            return orig_next(self)  # not the shuffled training loader
-        if st["batches"] >= limit:
-            raise StopIteration  # ends the epoch early; the script then evaluates as usual
-        t, c = time.perf_counter(), time.process_time()
-        out = orig_next(self)
-        st["data_s"].append(time.perf_counter() - t)
-        st["data_cpu_s"].append(time.process_time() - c)
-        st["batches"] += 1
-        batch_arrived()
-        return out
-
-    patches = [(dl._BaseDataLoaderIter, "__next__", timed_next)]
-    if hasattr(data, "FeatureViews"):
-        orig_views_iter = data.FeatureViews.__iter__
-
-        def timed_views_iter(self):
-            it = orig_views_iter(self)
-            while st["batches"] < limit:
+    def timed_iter(orig_iter):
+        """The training batches (data.TrainImages or data.FeatureViews), each fetch timed; cut after `limit`."""
+        def __iter__(self):
+            if not st["train"]:
+                yield from orig_iter(self)
+                return
+            it = orig_iter(self)
+            while st["batches"] < limit:  # beyond the limit the epoch ends early; the script then evaluates
                 t, c = time.perf_counter(), time.process_time()
                 try:
                     out = next(it)
@@ -258,8 +247,9 @@ def worker_method(spec: dict) -> dict:
                 st["batches"] += 1
                 batch_arrived()
                 yield out
+        return __iter__
 
-        patches.append((data.FeatureViews, "__iter__", timed_views_iter))
+    patches = [(cls, "__iter__", timed_iter(cls.__iter__)) for cls in (data.TrainImages, data.FeatureViews)]
 
     def after_step(optimizer, args, kwargs) -> None:
         synchronize()
@@ -438,11 +428,105 @@ def worker_cocoop_micro(spec: dict) -> dict:
     return {"rows": rows}
 
 
+def worker_datapath(spec: dict) -> dict:
+    """Training images/s at batch `batch`: data.TrainImages against the PIL loader it replaced (a DataLoader of
+    data.train_transform over already decoded PIL images, `workers` worker processes), same smooth JPEGs."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    import data
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    folder = Path(spec["work"]) / f"datapath_{spec['width']}x{spec['height']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(spec["images"]):
+        path = folder / f"{i}.jpg"
+        if not path.exists():
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+            coarse.resize((spec["width"], spec["height"]), Image.BICUBIC).save(path, quality=90)
+        items.append(data.Datum(str(path), i % 10, f"c{i % 10}"))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def images_per_s(batches, n_batches: int) -> float:
+        it = iter(batches)
+        next(it)  # warm-up (and the DataLoader's worker start)
+        sync()
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            x, _ = next(it)
+            x = x.to(device, non_blocking=True)
+        sync()
+        return n_batches * spec["batch"] / (time.perf_counter() - t)
+
+    class DecodedPIL(Dataset):  # the old path: ImageCache's decoded images, augmented by PIL per access
+        def __init__(self):
+            self.images, self.transform = [data.load_image(d.impath) for d in items], data.train_transform(224)
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.transform(self.images[i]), items[i].label
+
+    n_batches = spec["images"] // spec["batch"] - 1
+    workers = spec["workers"]
+    pil = DataLoader(DecodedPIL(), batch_size=spec["batch"], shuffle=True, drop_last=True, num_workers=workers,
+                     pin_memory=cuda, persistent_workers=workers > 0)
+    t = time.perf_counter()
+    new = data.TrainImages(items, 224, spec["batch"], device, seed=0, num_workers=workers)
+    decode_s = time.perf_counter() - t
+    out = {"device": str(device), "workers": workers, "images": len(items), "batch": spec["batch"],
+           "size": [spec["width"], spec["height"]], "pil_images_per_s": images_per_s(pil, n_batches),
+           "new_images_per_s": images_per_s(new, n_batches), "decode_images_per_s": len(items) / decode_s,
+           "on_device": new.on_device}
+    if spec.get("pixels"):
+        import demo
+        photos = [data.load_image(d.impath) for d in items[:32]]
+        pictures = [Image.fromarray(demo.dataset_image(key, label, "train", i)) for key in demo.DEMO
+                    for label in range(4) for i in range(4)]
+        out["pixels"] = {"photos 500x375 -> 224, scale (0.08, 1)": pixel_difference(photos, 224, 0.08),
+                         "demo pictures 32x32 -> 32, scale (0.5, 1)": pixel_difference(pictures, 32, 0.5)}
+    return out
+
+
+def pixel_difference(images: list, n_px: int, min_crop: float, draws: int = 4) -> dict:
+    """Mean and max |difference| of the normalised pixels, data.TrainImages' resize (both kernels) against
+    data.train_transform's PIL resize, on the same crop boxes (no flip)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    import data
+
+    generator = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    diffs = {"uint8 kernel (CPU)": [], "float passes (CUDA)": []}
+    for img in images:
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, H, W) uint8
+        for _ in range(draws):
+            top, left, h, w = data.crop_box(img.height, img.width, generator, (min_crop, 1.0))
+            pil = TF.normalize(TF.to_tensor(TF.resized_crop(img, top, left, h, w, [n_px, n_px],
+                                                            InterpolationMode.BICUBIC)), data.CLIP_MEAN, data.CLIP_STD)
+            crop = pixels[:, top:top + h, left:left + w]
+            for name, uint8_kernel in (("uint8 kernel (CPU)", True), ("float passes (CUDA)", False)):
+                ours = (data.resize(crop, n_px, uint8_kernel=uint8_kernel) / 255 - mean) / std
+                diffs[name].append((ours - pil).abs().flatten())
+    return {name: {"mean_abs": torch.cat(d).mean().item(), "max_abs": torch.cat(d).max().item(),
+                   "grey_levels_differing": (torch.cat(d) > 1e-3).float().mean().item()}
+            for name, d in diffs.items()}
+
+
 def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = {"cocoop_micro": worker_cocoop_micro, "method": worker_method}[spec["kind"]](spec)
+    result = {"cocoop_micro": worker_cocoop_micro, "method": worker_method,
+              "datapath": worker_datapath}[spec["kind"]](spec)
     result.update(torch_threads=torch.get_num_threads(), loadavg_end=os.getloadavg())
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -536,6 +620,27 @@ class Bench:
         default = self.out.get("train", {}).get("coop")
         res["default_cache"] = default if default and "error" not in default else self.train_job("coop")
         self.save()
+
+    def section_data(self) -> None:
+        """The training data path alone: on the CPU with 1 and 2 threads (the PIL loader with as many worker
+        processes; 0 for one thread), on CUDA with data.default_workers' worker count."""
+        res = self.out.setdefault("data", {"rows": {}})
+        settings = [(1, 0), (2, 2)] if self.device == "cpu" else [(None, None)]
+        for threads, workers in settings:
+            if workers is None:
+                import data
+                workers = data.default_workers(self.device)
+            spec = {"kind": "datapath", "device": self.device, "work": str(self.work), "batch": 32,
+                    "images": 32 * (self.opts.data_batches + 1), "width": 500, "height": 375, "workers": workers,
+                    "pixels": threads in (1, None)}
+            name = f"data:{threads or 'default'}threads"
+            saved, self.opts.threads = self.opts.threads, threads or self.opts.threads
+            try:
+                r = self.worker(name, spec)
+            finally:
+                self.opts.threads = saved
+            res["rows"][name] = r
+            self.save()
 
     def section_cocoop(self) -> None:
         if "cocoop" not in self.all_methods:
@@ -691,6 +796,28 @@ def format_tables(out: dict) -> str:
 
     kind = " wall (CPU time)" if cpu else ""
     lines = [f"Device: {out['device']}; torch {out['torch']}; command: `{out['command']}`", ""]
+    if out.get("data", {}).get("rows"):
+        lines += ["| training images, batch 32, 500x375 JPEGs to 224 | threads | PIL loader workers | PIL loader "
+                  "images/s | TrainImages images/s | speed-up | decoding once, images/s |", "|---|---|---|---|---|---|---|"]
+        for name, r in out["data"]["rows"].items():
+            if "error" in r:
+                lines.append(f"| {name} | failed: {r['error']} (log {r.get('log')}) ||||||")
+                continue
+            where = r["device"] + ("" if r.get("on_device", True) else ", images in pinned host memory")
+            lines.append(f"| {where} | {r.get('torch_threads')} | {r['workers']} | {r['pil_images_per_s']:.0f} | "
+                         f"{r['new_images_per_s']:.0f} | {r['new_images_per_s'] / r['pil_images_per_s']:.1f}x | "
+                         f"{r['decode_images_per_s']:.0f} |")
+        lines.append("")
+        pixels = next((r["pixels"] for r in out["data"]["rows"].values() if "pixels" in r), None)
+        if pixels:
+            lines += ["| TrainImages against the PIL path, same crop boxes | resize | mean abs diff | max abs diff | "
+                      "pixels that differ |", "|---|---|---|---|---|"]
+            for images, kernels in pixels.items():
+                for kernel, d in kernels.items():
+                    lines.append(f"| {images} | {kernel} | {d['mean_abs']:.5f} | {d['max_abs']:.3f} | "
+                                 f"{100 * d['grey_levels_differing']:.1f}% |")
+            lines.append("Differences are of CLIP-normalised pixels (one grey level is about 0.015).")
+            lines.append("")
     if out.get("train"):
         demo = out.get("demo", {}).get("rows", {})
         lines += [f"| method | batch | train classes | step, median{kind} | data share{kind} | eval images/s "
@@ -714,7 +841,8 @@ def format_tables(out: dict) -> str:
     if out.get("cache"):
         lines += [f"| CoOp, batch 32 | step, median{kind} | data time per step{kind} | data share{kind} |",
                   "|---|---|---|---|"]
-        for name, label in (("no_cache", "--image-cache-gb 0"), ("default_cache", "default cache (2 GB)")):
+        for name, label in (("no_cache", "--image-cache-gb 0 (images in host memory)"),
+                            ("default_cache", "default (2 GB: images on the training device)")):
             r = dict(out["cache"].get(name) or {})
             if r.get("median_step_s") is not None:
                 r["data_median_s"] = statistics.median(r["data_s"])
@@ -805,6 +933,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 100 on CUDA, 10 on the CPU)")
     p.add_argument("--eval-per-class", type=int, default=4,
                    help="val and test images per class of the synthetic dataset (the few-shot val keeps up to 4)")
+    p.add_argument("--data-batches", type=int, default=8, help="timed batches of the data section")
     p.add_argument("--memory-classes", type=int, default=250, help="training classes of the memory section")
     p.add_argument("--micro-classes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50],
                    help="class counts of the CoCoOp microbenchmark")
@@ -824,7 +953,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     o = p.parse_args(argv)
     if o.quick:
-        o.classes, o.memory_classes, o.epochs, o.repeats = 10, 50, 2, 2
+        o.classes, o.memory_classes, o.epochs, o.repeats, o.data_batches = 10, 50, 2, 2, 2
         o.steps = o.steps or 2
     on_cuda = o.device.startswith("cuda") or (o.device == "auto" and torch.cuda.is_available())
     if o.steps is None:

@@ -293,8 +293,9 @@ def test_unreadable_image_names_file(tmp_path):
     with pytest.raises(DatasetError, match="cannot read image") as e:
         next(iter(data.test_loader(splits.train, 8, device="cpu")))
     assert bad in str(e.value)
-    with pytest.raises(DatasetError, match="cannot read image"):
-        data.ImageCache().fill([bad])
+    with pytest.raises(DatasetError, match="cannot read image") as e:
+        data.TrainImages(splits.train, 8, 2, "cpu", seed=0)
+    assert bad in str(e.value)
 
 
 # ----------------------------------------------------------------------------- few-shot draw
@@ -497,7 +498,7 @@ def test_protocol_splits(tmp_path):
 
 def test_training_crop_follows_the_dataset(tmp_path):
     """Photos keep CoOp's RandomResizedCrop(scale=(0.08, 1)); the demo's 32-pixel pictures set 0.5, and the
-    setting survives few-shot sampling and the base/novel split on its way to train_loader."""
+    setting survives few-shot sampling and the base/novel split on its way to TrainImages."""
     make_split_tree(tmp_path, "demo_shapes", 4, sizes=(3, 2, 2))
     make_split_tree(tmp_path, "eurosat", 10)
     cache = tmp_path / "cache"
@@ -505,9 +506,7 @@ def test_training_crop_follows_the_dataset(tmp_path):
     photo_train, _ = data.protocol_splits("base2new", "eurosat", tmp_path, 2, 1, cache_dir=cache)
     assert demo_train.min_crop == demo_targets["novel"].min_crop == 0.5 and photo_train.min_crop == 0.08
     for split, scale in ((demo_train, (0.5, 1.0)), (photo_train, (0.08, 1.0))):
-        loader = data.train_loader(split.train, 8, 2, "cpu", min_crop=split.min_crop)
-        crop = loader.dataset.transform.transforms[0]
-        assert isinstance(crop, T.RandomResizedCrop) and crop.scale == scale
+        assert data.TrainImages(split.train, 8, 2, "cpu", 0, split.min_crop).scale == scale
 
 
 # ----------------------------------------------------------------------------- templates
@@ -554,52 +553,158 @@ def _noise_items(tmp_path, n=6) -> list[Datum]:
     return items
 
 
-def test_loaders(tmp_path):
+def test_test_loader(tmp_path):
     items = _noise_items(tmp_path, 5)
-    loader = data.train_loader(items, 8, 2, "cpu")
-    batches = list(loader)
-    assert len(batches) == 2 and loader.drop_last  # 5 items, batch 2: last incomplete batch dropped
-    x, y = batches[0]
-    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert not loader.pin_memory and loader.num_workers == 0
-    small = list(data.train_loader(items, 8, 16, "cpu"))  # fewer items than one batch: keep them
-    assert len(small) == 1 and small[0][0].shape[0] == 5
     tests = list(data.test_loader(items, 8, device="cpu"))
     assert len(tests) == 1 and tests[0][1].tolist() == [d.label for d in items]
-    assert data.test_loader(items, 8, device="cpu").batch_size == 100
+    assert tests[0][0].shape == (5, 3, 8, 8) and tests[0][0].dtype == torch.float32
+    loader = data.test_loader(items, 8, device="cpu")
+    assert loader.batch_size == 100 and loader.num_workers == 0 and not loader.pin_memory
     assert data.default_workers("cpu") == 0
-    assert data.default_workers("cuda") == min(4, os.cpu_count() or 1)
+    assert data.default_workers("cuda") == min(8, data.usable_cpus()) >= 1
     with pytest.raises(ValueError, match="empty"):
-        data.train_loader([], 8, 2, "cpu")
+        data.test_loader([], 8, device="cpu")
 
 
-def _epochs(items, cache, workers=0, epochs=2):
+# ----------------------------------------------------------------------------- training images on the device
+
+
+@pytest.mark.parametrize("height, width, scale", [(375, 500, (0.08, 1.0)), (32, 32, (0.5, 1.0)),
+                                                  (8, 300, (0.08, 1.0)), (300, 9, (0.5, 1.0)), (1, 1, (0.08, 1.0))])
+def test_crop_boxes_are_torchvisions(height, width, scale):
+    """Same generator state, same box as torchvision's get_params (which draws from the global RNG), the
+    ten-try loop and the central-crop fallback for extreme aspect ratios included."""
+    for seed in range(300):
+        torch.manual_seed(seed)
+        expected = T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), [3 / 4, 4 / 3])
+        generator = torch.Generator().manual_seed(seed)
+        assert data.crop_box(height, width, generator, scale) == expected, seed
+        assert torch.equal(generator.get_state(), torch.get_rng_state())  # the same draws were consumed
+        top, left, h, w = expected
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    # No try fits these two (every try is at least 12 pixels high, resp. 32 wide): the central crop of the
+    # nearest allowed aspect ratio.
+    fallback = {(8, 300): (0, 144, 8, 11), (300, 9): (144, 0, 12, 9)}.get((height, width))
+    if fallback:
+        assert data.crop_box(height, width, torch.Generator().manual_seed(0), scale) == fallback
+
+
+def _image_files(tmp_path, shapes, modes=None) -> list[Datum]:
+    """Smooth random pictures of the given (height, width), saved as PNG in the given PIL modes."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w) in enumerate(shapes):
+        coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+        img = coarse.resize((w, h), Image.BICUBIC)
+        mode = (modes or ["RGB"] * len(shapes))[i]
+        img = img.convert(mode) if mode != "P" else img.quantize(16)
+        path = str(tmp_path / f"img{i}.png")
+        img.save(path)
+        items.append(Datum(path, i % 3, f"c{i % 3}"))
+    return items
+
+
+def test_train_images_batches(tmp_path):
+    items = _image_files(tmp_path, [(10 + i, 14 + 2 * i) for i in range(5)], ["RGB", "L", "RGBA", "P", "RGB"])
+    images = data.TrainImages(items, 8, 2, "cpu", seed=0)
+    assert images.sizes == [(10 + i, 14 + 2 * i) for i in range(5)] and images.on_device
+    for i, d in enumerate(items):  # decoded to RGB at full resolution, whatever the file's mode
+        assert torch.equal(images.image(i), torch.from_numpy(np.array(data.load_image(d.impath))))
+    batches = list(images)
+    assert len(images) == len(batches) == 2  # 5 items, batch 2: the last incomplete batch is dropped
+    x, y = batches[0]
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    lo = (0 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    hi = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    assert ((x >= lo.view(3, 1, 1) - 1e-6) & (x <= hi.view(3, 1, 1) + 1e-6)).all()
+    seen = torch.cat([y for _, y in batches]).tolist()
+    assert len(seen) == 4 and set(seen) <= {0, 1, 2}  # 4 of the 5 images, each once
+    small = list(data.TrainImages(items, 8, 16, "cpu", seed=0))  # fewer items than one batch: keep them all
+    assert len(small) == 1 and small[0][0].shape[0] == 5 and sorted(small[0][1].tolist()) == [0, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match="empty"):
+        data.TrainImages([], 8, 2, "cpu", seed=0)
+
+
+def test_train_images_are_deterministic_per_seed(tmp_path):
+    items = _image_files(tmp_path, [(20, 30)] * 6)
+
+    def epochs(seed):
+        images = data.TrainImages(items, 8, 2, "cpu", seed=seed)
+        return [(x, y) for _ in range(2) for x, y in images]
+
+    a, b, other = epochs(3), epochs(3), epochs(4)
+    assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b)) and len(a) == 6
+    assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(a, other))
+    assert not torch.equal(a[0][0], a[3][0])  # a fresh permutation and fresh crops every epoch
+    # Independent of the global RNG: the methods' other random draws neither move nor are moved by it.
     torch.manual_seed(0)
-    loader = data.train_loader(items, 8, 2, "cpu", num_workers=workers, cache=cache, seed=3)
-    return [(x.clone(), y.clone()) for _ in range(epochs) for x, y in loader]
+    state = torch.get_rng_state()
+    assert all(torch.equal(x, u) for (x, _), (u, _) in zip(epochs(3), a))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
-def _same(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+def test_augment_is_crop_resize_flip_normalise(tmp_path):
+    """Each image gets crop_box's box, then RandomHorizontalFlip's draw, from the one generator; the result is
+    the crop resized by `resize` (flipped when the draw says so), normalised with CLIP's mean and std."""
+    items = _image_files(tmp_path, [(40, 60), (5, 7), (31, 30)])  # (5, 7): smaller than n_px, upsampled
+    images = data.TrainImages(items, 16, 3, "cpu", seed=5)
+    state = images.generator.get_state()
+    out = images.augment([0, 1, 2, 0])
+    replay = torch.Generator()
+    replay.set_state(state)
+    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    flips = []
+    for k, i in enumerate([0, 1, 2, 0]):
+        top, left, h, w = data.crop_box(*images.sizes[i], replay, (0.08, 1.0))
+        flips.append(torch.rand(1, generator=replay).item() < 0.5)
+        crop = images.image(i)[top:top + h, left:left + w].permute(2, 0, 1)
+        x = data.resize(crop, 16)
+        x = x.flip(-1) if flips[-1] else x
+        torch.testing.assert_close(out[k], (x / 255 - mean) / std, rtol=0, atol=1e-5)
+    assert torch.equal(replay.get_state(), images.generator.get_state())
+    # A flip flips: the same box with the opposite draw gives the mirror image.
+    crop = images.image(0).permute(2, 0, 1)
+    assert torch.equal(data.resize(crop.flip(-1), 16), data.resize(crop, 16).flip(-1))
 
 
-def test_image_cache_matches_disk_reads(tmp_path):
-    items = _noise_items(tmp_path)
-    disk = _epochs(items, None)
-    assert not torch.equal(disk[0][0], disk[3][0])  # fresh augmentation every epoch
-    full = data.ImageCache()
-    assert _same(_epochs(items, full), disk) and len(full) == 6
-    assert full.nbytes == sum(4 * (10 + i) * (14 + 2 * i) for i in range(6))
-    partial = data.ImageCache(budget_bytes=4 * (10 * 14 + 11 * 16 + 12 * 18))
-    assert _same(_epochs(items, partial), disk) and len(partial) == 3  # the rest is read from disk
-    for d in items:
-        os.remove(d.impath)
-    assert _same(_epochs(items, full), disk)  # cached images are not read from disk again
+def test_resize_matches_pil(tmp_path):
+    """Both kernels of `resize` (torch's uint8 one, and the two float passes that run on CUDA) stay within a
+    grey level of PIL's bicubic resize of the same crop, down- and upsampling."""
+    from torchvision.transforms import functional as TF
+    rng = np.random.default_rng(1)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    img = coarse.resize((120, 90), Image.BICUBIC)  # smooth, like a photo at this scale
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, 90, 120)
+    for top, left, h, w, n_px in [(0, 0, 90, 120, 32), (10, 20, 50, 40, 24), (3, 5, 9, 12, 32)]:
+        pil = TF.resized_crop(img, top, left, h, w, [n_px, n_px], T.InterpolationMode.BICUBIC)
+        pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float()
+        crop = pixels[:, top:top + h, left:left + w]
+        for uint8_kernel in (True, False):
+            x = data.resize(crop, n_px, uint8_kernel=uint8_kernel)
+            assert x.shape == (3, n_px, n_px) and x.dtype == torch.float32
+            assert torch.equal(x, x.round()) and x.min() >= 0 and x.max() <= 255
+            assert (x - pil).abs().max() <= 1 and (x - pil).abs().mean() < 0.05, (top, uint8_kernel)
 
 
-def test_image_cache_with_workers(tmp_path):
-    items = _noise_items(tmp_path)
-    disk = _epochs(items, None, workers=2)
-    cache = data.ImageCache()
-    assert _same(_epochs(items, cache, workers=2), disk)
-    assert len(cache) == len(items)
+def test_train_images_on_the_demo_datasets(tmp_path):
+    import demo
+    root = demo.write_datasets(tmp_path)
+    for key in data.DEMO_DATASETS:
+        base, _ = data.base_to_novel(key, root, 4, 1, cache_dir=tmp_path / "cache")
+        images = data.TrainImages(base.train, demo.RES, 8, "cpu", seed=1, min_crop=base.min_crop)
+        x, y = next(iter(images))
+        assert x.shape == (8, 3, demo.RES, demo.RES) and torch.isfinite(x).all() and y.max() < len(base.classnames)
+
+
+def test_feature_views(tmp_path):
+    items = _image_files(tmp_path, [(20, 30)] * 5)
+    images = data.TrainImages(items, 8, 2, "cpu", seed=0)
+    views = data.FeatureViews(images, lambda x: x.mean(dim=(2, 3)), views=3, chunk=2)  # (B, 3) "features"
+    assert views.features.shape == (3, 5, 3) and len(views) == 2
+    assert not torch.equal(views.features[0], views.features[1])  # the views are different crops
+    batches = list(views)
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3)
+    for x, y in batches:  # each row is one of its image's K views
+        for row, label in zip(x, y):
+            assert any(torch.equal(row, views.features[k, i]) for k in range(3) for i in range(5)
+                       if views.labels[i] == label)

@@ -13,10 +13,8 @@ import traceback
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils.data.dataloader as dataloader
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import RandomSampler
 
 import clip
 import data
@@ -143,20 +141,20 @@ def test_training_step_has_no_host_sync(method, tiny_world, tmp_path, monkeypatc
     .numpy() of a CPU tensor dispatch nothing); tests/bench.py checks those with set_sync_debug_mode on CUDA."""
     root, ckpt, cache = tiny_world
     monkeypatch.setenv("CP_CACHE", str(cache))
-    state = {"in_step": False, "steps": 0, "found": []}
-    loader_next = dataloader._BaseDataLoaderIter.__next__
+    state = {"in_step": False, "steps": 0, "batches": 0, "found": []}
+    batches = data.TrainImages.__iter__
 
-    def next_batch(self):
-        out = loader_next(self)
-        if isinstance(getattr(self._index_sampler, "sampler", None), RandomSampler):  # the training loader
+    def training_batches(self):
+        for batch in batches(self):  # the batch is made before the step starts
             state["in_step"] = True
-        return out
+            state["batches"] += 1
+            yield batch
 
     def step_done(*_):
         state["in_step"] = False
         state["steps"] += 1
 
-    monkeypatch.setattr(dataloader._BaseDataLoaderIter, "__next__", next_batch)
+    monkeypatch.setattr(data.TrainImages, "__iter__", training_batches)
     monkeypatch.setattr(evaluation, "reliability_diagram", lambda *a, **k: None)
     handle = register_optimizer_step_post_hook(step_done)
     try:
@@ -166,7 +164,7 @@ def test_training_step_has_no_host_sync(method, tiny_world, tmp_path, monkeypatc
                                       "--epochs", "1"])
     finally:
         handle.remove()
-    assert state["steps"] == 5  # 5 base classes x 4 shots / batch 4
+    assert state["steps"] == state["batches"] == 5  # 5 base classes x 4 shots / batch 4, every step watched
     assert state["found"] == []
 
 
@@ -241,12 +239,12 @@ def test_bench_worker_times_a_method(tiny_world, tmp_path, monkeypatch, one_thre
     root, ckpt, cache = tiny_world
     monkeypatch.setenv("CP_CACHE", str(cache))
     monkeypatch.setattr(evaluation, "reliability_diagram", lambda *a, **k: None)
-    before = (dataloader._BaseDataLoaderIter.__next__, torch.nn.Conv2d.forward, evaluation.predict)
+    before = (data.TrainImages.__iter__, data.FeatureViews.__iter__, torch.nn.Conv2d.forward, evaluation.predict)
     r = bench.worker_method({"kind": "method", "method": "coop", "mode": "train", "device": "cpu", "steps": 2,
                              "argv": ["--dataset", "eurosat", "--root", str(root), "--shots", "4", "--batch-size", "4",
                                       "--backbone", str(ckpt), "--output", str(tmp_path), "--device", "cpu",
                                       "--epochs", "1"]})
-    assert (dataloader._BaseDataLoaderIter.__next__, torch.nn.Conv2d.forward, evaluation.predict) == before
+    assert (data.TrainImages.__iter__, data.FeatureViews.__iter__, torch.nn.Conv2d.forward, evaluation.predict) == before
     assert r["steps_timed"] == 2 and len(r["data_s"]) == 2 and 0 < r["data_share"] < 1  # loader cut after 3 batches
     assert r["eval_images"] == 40 and r["encodes_per_image"] == 1.0 and r["eval_images_per_s"] > 0
     assert r["memory"]["kind"] == "cpu_peak_rss" and r["memory"]["growth_mb"] >= 0
