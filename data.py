@@ -1,7 +1,7 @@
 """Datasets, few-shot splits, templates, transforms and loaders shared by every method.
 
 Everything that must be identical across methods for a fair comparison lives here
-(REFERENCE.md sections 4, 5, 7, 8):
+(CoOp's few-shot base-to-novel protocol, Zhou et al., IJCV 2022 and CVPR 2022):
 
 * Readers for the 11 base-to-novel datasets, the 4 ImageNet variants and 3 tiny demo datasets, in
   CoOp's on-disk layout under one data root. Labels and class names come from the split files (or
@@ -33,6 +33,7 @@ Decisions where the protocol leaves room:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -391,7 +392,7 @@ def _draw(rng: random.Random, items: Sequence[Datum], shots: int) -> list[Datum]
 
 def few_shot(train: Sequence[Datum], val: Sequence[Datum], shots: int,
              seed: int) -> tuple[list[Datum], list[Datum]]:
-    """REFERENCE section 4: `shots` per train label, then min(shots, 4) per val label, one stream."""
+    """CoOp's draw: `shots` per train label, then min(shots, 4) per val label, one stream."""
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
     rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample
@@ -510,7 +511,7 @@ def load_few_shot(key: str, root: str | os.PathLike, shots: int, seed: int,
 
 def base_to_novel(key: str, root: str | os.PathLike, shots: int, seed: int,
                   cache_dir: str | os.PathLike | None = None) -> tuple[DatasetSplits, DatasetSplits]:
-    """(base, novel): few-shot drawn over all classes first, then split (REFERENCE section 4)."""
+    """(base, novel): few-shot drawn over all classes first, then split (CoCoOp's base-to-novel protocol)."""
     splits = load_few_shot(key, root, shots, seed, cache_dir)
     return subsample_classes(splits, "base"), subsample_classes(splits, "new")
 
@@ -544,7 +545,7 @@ def clean_classname(name: str) -> str:
 
 
 def template(key: str, column: str = "coop") -> str:
-    """Hand-written template of REFERENCE section 7: column coop | kgcoop | prograd."""
+    """Hand-written template of the method papers: column coop | kgcoop | prograd."""
     if column not in COLUMNS:
         raise ValueError(f"template column must be one of {COLUMNS}, got {column!r}")
     return dataset_info(key).templates[COLUMNS.index(column)]
@@ -570,15 +571,22 @@ def test_transform(n_px: int) -> T.Compose:
         T.CenterCrop(n_px), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
-def load_image(path: str) -> Image.Image:
-    """Decode to RGB, naming the file on failure."""
+@contextlib.contextmanager
+def _open_image(path: str) -> Iterator[Image.Image]:
+    """Image.open, turning a missing or unreadable file into a DatasetError that names it."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            yield im
     except FileNotFoundError as e:
         raise DatasetError(f"image not found: {path}; {HINT}") from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode to RGB, naming the file on failure."""
+    with _open_image(path) as im:
+        return im.convert("RGB")
 
 
 class ImageList(Dataset):
@@ -655,7 +663,7 @@ def resize(crop: torch.Tensor, n_px: int, uint8_kernel: bool | None = None) -> t
 
     uint8_kernel (default: on the CPU) uses torch's uint8 kernel, a port of PIL's fixed-point resampling.
     Otherwise (CUDA has no uint8 bicubic kernel) it runs in float32 as PIL does, horizontal pass first, each
-    pass rounded and clamped to 0..255 as PIL stores it; a single 2-D float pass would differ from PIL about 50
+    pass rounded and clamped to 0..255 as PIL stores it; a single 2-D float pass would differ from PIL several
     times more (README, "Training images on the device").
     """
     if crop.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
@@ -743,13 +751,8 @@ class TrainImages:
 
 def _image_size(path: str) -> tuple[int, int]:
     """(height, width) from the file's header, without decoding it."""
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except FileNotFoundError as e:
-        raise DatasetError(f"image not found: {path}; {HINT}") from e
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from e
+    with _open_image(path) as im:
+        return im.height, im.width
 
 
 class FeatureViews:

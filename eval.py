@@ -1,7 +1,7 @@
 """Evaluation: calibration metrics, post-hoc calibrators, result files and summary tables.
 
-REFERENCE.md section 3 defines the metrics (ECE with 10 equal-width bins on (0, 1] is the headline number),
-section 2 the post-hoc calibrators (temperature scaling, DAC). Every method script evaluates its logits once
+The metrics follow the calibration literature (ECE with 10 equal-width bins on (0, 1] is the headline number);
+the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024). Every method script evaluates its logits once
 (`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
 `results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
 files into the paper-shaped tables. Plots use matplotlib's object API with the Agg canvas, so no display
@@ -71,7 +71,7 @@ def calibration_errors(conf: np.ndarray, correct: np.ndarray, n_bins: int = 10) 
 def compute_metrics(logits, labels, n_bins: int = 10) -> dict:
     """Metrics of one set of logits (N, C): acc, ece, mce, ace, macro_f1, confidence in percent; nll, brier
     (mean over samples of sum_c (p_c - y_c)^2); margin_mean, margin_std (population) of the margins of the
-    given (scaled) logits, REFERENCE section 1; n. Macro-F1 averages over classes that occur in the labels or
+    given (scaled) logits, the paper's margin; n. Macro-F1 averages over classes that occur in the labels or
     the predictions (classes with neither have no defined F1)."""
     z = torch.as_tensor(logits).detach().cpu().double()
     y = torch.as_tensor(labels).detach().cpu().long()
@@ -132,7 +132,7 @@ def _knn_distances(test: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tens
 
 
 def dac_factors(tuned_test, zs_test, tuned_base, zs_base, k: int = 5, base_threshold: float = 0.05) -> torch.Tensor:
-    """DAC factors (Wang et al., ICML 2024; REFERENCE section 2), one per test class: (C_test,) float32.
+    """DAC factors (Wang et al., ICML 2024), one per test class: (C_test,) float32.
 
     score(c) = exp(-mean of the K smallest distances to the base-class text features), with the tuned and
     with the zero-shot features; factor = score_tuned / score_zs, exactly 1.0 when the nearest tuned distance

@@ -3,7 +3,7 @@
 The method of "Towards Calibrating Prompt Tuning of Vision-Language Models" (Sharifdeen et al., CVPR 2026):
 a mean-variance margin penalty on the scaled training logits plus text moment matching between the tuned
 and the frozen zero-shot class text features, and the training-time baselines it is compared with
-(MBLS, ZS-Norm, Penalty, MDCA). See REFERENCE.md sections 1-2.
+(MBLS, ZS-Norm, Penalty, MDCA). Each function cites its paper and equation.
 
 Every function is pure and computes in float32 whatever the input dtype (fp16 logits from a half-precision
 encoder are upcast first), so the regularizers never lose precision to fp16. Each method script adds the
@@ -202,7 +202,7 @@ def calibration(calib: str, logits: Tensor, labels: Tensor, text_features: Tenso
 
 def add_calibration_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --calib, --alpha, --beta, --lambda-mom (dest lambda_mom) to a method's argument parser."""
-    g = parser.add_argument_group("calibration (REFERENCE.md sections 1-2)")
+    g = parser.add_argument_group("calibration (losses.py; README \"Methods\")")
     g.add_argument("--calib", default="none", choices=CALIBS, help="training-time calibration term (default: none)")
     g.add_argument("--alpha", type=float, default=0.1, help="weight of the mean margin (ours/margin); MBLS weight (mbls)")
     g.add_argument("--beta", type=float, default=0.01, help="weight of the margin variance (ours/margin)")

@@ -63,7 +63,7 @@ warn() { echo "run.sh: warning: $*" >&2; }
 say() { if ((dry_run)); then echo "$*" >&2; else echo "$*"; fi; }
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/${1#./}"; fi; }
 
-# Dataset key -> its folder under DATA (REFERENCE.md section 8); demo and other keys: the key itself.
+# Dataset key -> its folder under DATA (README section "Datasets"); demo and other keys: the key itself.
 folder_of() {
   case "$1" in
     caltech101) echo caltech-101 ;;          food101) echo food-101 ;;

@@ -17,7 +17,7 @@ Example:
 
 Recipe (defaults): DAC's ViT-B/16 setting, 4 context vectors initialised from "a photo of a", class
 token at the end, 10 epochs, batch 1, SGD lr 0.002 (momentum 0.9, weight decay 5e-4, also on the
-meta-net), one warm-up epoch at 1e-5, then a per-epoch cosine schedule (REFERENCE.md sections 5-6).
+meta-net), one warm-up epoch at 1e-5, then a per-epoch cosine schedule (DAC's setting, Wang et al., ICML 2024).
 
 Batched text encoder: the official code runs the text encoder once per image in a Python loop. Here the
 B x C image-conditioned prompts are flattened to (B*C, L, D) and encoded in chunks of --chunk-size
@@ -52,7 +52,7 @@ Deviations from the official code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 

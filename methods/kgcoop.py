@@ -3,7 +3,7 @@ https://arxiv.org/abs/2303.13283
 
 KgCoOp is CoOp with one extra loss term that keeps the learned prompts close to the hand-written one:
 each class's tuned text feature w_c is pulled towards the frozen zero-shot feature w0_c of the dataset's
-KgCoOp template (REFERENCE.md section 7, e.g. "a photo of a {}, a type of pet."),
+KgCoOp template (data.py's "kgcoop" column, e.g. "a photo of a {}, a type of pet."),
 
     loss = CE + kg_weight * (1 - mean_c cos(w_c, w0_c)),   kg_weight = 8.0,
 
@@ -19,7 +19,7 @@ Example:
 
 Recipe (defaults): DAC's ViT-B/16 setting, 4 context vectors from "a photo of a", class token at the end,
 200 epochs, batch 32, SGD lr 0.002 (momentum 0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then a
-per-epoch cosine schedule, kg_weight 8.0 (REFERENCE.md sections 5-6).
+per-epoch cosine schedule, kg_weight 8.0 (DAC's setting, Wang et al., ICML 2024).
 
 Deviations from the official code:
 - The frozen features w0 are computed in fp32 from an fp32 copy of the text tower; the official code
@@ -40,7 +40,7 @@ Deviations from the official code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def knowledge_guidance(text_features: torch.Tensor, frozen_text_features: torch.
     """KgCoOp's knowledge-guided term L_kg = 1 - mean_c cos(w_c, w0_c) between the tuned (C, E) and frozen (C, E)
     class text features; 0 when the prompts equal the template. The paper writes it as the mean squared
     Euclidean distance of the normalised features, 2 * (1 - cos); the official code (whose weight 8.0 we
-    keep) and REFERENCE.md use 1 - cos."""
+    keep) and the KgCoOp paper use 1 - cos."""
     return 1 - F.cosine_similarity(text_features, frozen_text_features, dim=-1).mean()
 
 

@@ -19,7 +19,7 @@ Example:
 Recipe (defaults): DAC's ViT-B/16 setting, 2 random N(0, 0.02) context vectors (--ctx-init "a photo of a"
 gives the original MaPLe initialisation, its first 2 tokens learnable), prompt depth 9, 5 epochs, batch 4,
 SGD lr 0.0035 (momentum 0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then a per-epoch cosine
-schedule (REFERENCE.md sections 5-6).
+schedule (DAC's setting, Wang et al., ICML 2024).
 
 Deviations from the official code:
 - The prompts and projections are trained in fp32 and only the frozen encoders run in fp16/bf16 under
@@ -40,7 +40,7 @@ Deviations from the official code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 

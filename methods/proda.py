@@ -25,7 +25,7 @@ Example:
 
 Recipe (defaults): DAC's ViT-B/16 setting, 32 prompts x 16 random N(0, 0.02) context vectors, 4 prompts per
 step, orthogonality weight 0.1, 100 epochs, batch 4, SGD lr 0.001 (momentum 0.9, weight decay 5e-4), one
-warm-up epoch at 1e-5, then a per-epoch cosine schedule (REFERENCE.md sections 5-6).
+warm-up epoch at 1e-5, then a per-epoch cosine schedule (DAC's setting, Wang et al., ICML 2024).
 Memory: every step encodes 4 x C class prompts plus the 32 class-free prompts (--checkpoint-text helps for
 many classes); testing encodes 32 x C prompts, in chunks.
 
@@ -55,7 +55,7 @@ Deviations from the public (DAC) code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ProGrad: Prompt-aligned Gradient for Prompt Tuning (Zhu et al., ICCV 2023), https://arxiv.org/abs/2205.14865
 
 ProGrad is CoOp trained so that the prompts never move against CLIP's zero-shot knowledge. A frozen
-zero-shot CLIP (dataset template, REFERENCE.md section 7 column "ProGrad") is the teacher. Each step takes
+zero-shot CLIP (dataset template, data.py's "prograd" column) is the teacher. Each step takes
 two gradients of the context vectors: g_ce of the cross-entropy and g_kd of the distillation loss
 L_kd = CE(softmax(teacher / T), student / T) * T^2 at T = 1 (soft-target cross-entropy, which differs from
 KL(teacher || student) only by the teacher's entropy, a constant, so the gradients are the same). Per
@@ -24,7 +24,7 @@ Example:
 Recipe (defaults): DAC's ViT-B/16 setting, 16 context vectors (zeros + template phrase), class token at
 the end, 100 epochs, batch 32, SGD lr 0.002 (momentum 0.9, weight decay 5e-4, applied after the
 projection), one warm-up epoch at 1e-5, then a per-epoch cosine schedule, T = 1, lambda = 1
-(REFERENCE.md sections 5-6).
+(DAC's setting, Wang et al., ICML 2024).
 
 Deviations from the official code:
 - The whole phrase fills the last k context vectors, k counted in BPE tokens (9 for "a type of pet, a
@@ -33,7 +33,7 @@ Deviations from the official code:
   phrase tokens and keeps the last one ("a", for Food101 "of") as a fixed word before the class name.
   Official checkpoints of those four datasets load (same shape), but they were trained with that extra
   fixed word, so they evaluate slightly differently here.
-- Every ProGrad template in REFERENCE.md ends with " {}."; for a template with words after "{}", the
+- Every ProGrad template in data.py ends with " {}."; for a template with words after "{}", the
   phrase is the text before it and the words after it are left out (a notice is printed), because the
   class token stays at the end as in CoOp.
 - The teacher's text features are computed once, in fp32 from an fp32 copy of the text tower. Its image
@@ -53,7 +53,7 @@ Deviations from the official code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ class TextEncoder(nn.Module):
 def template_phrase(template: str) -> str:
     """ProGrad's initial phrase: the template's text before "{}", e.g. "a type of pet, a photo of a {}." ->
     "a type of pet, a photo of a". Words after "{}" cannot follow the context (the class token is at the end),
-    so they are left out with a notice; no template of REFERENCE.md section 7 has any."""
+    so they are left out with a notice; no template in data.py has any."""
     head, found, tail = template.partition("{}")
     if not found:
         raise ValueError(f"template {template!r} has no '{{}}' for the class name")

@@ -23,7 +23,7 @@ Example:
 Recipe (defaults): DAC's ViT-B/16 setting, text context from "a photo of a", 4 vision tokens and all deep
 prompts N(0, 0.02), depth 9 on both sides, loss weights 25 / 10, 50 epochs, batch 4, SGD lr 0.0025 (momentum
 0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then a per-epoch cosine schedule, GPA mean 30 std 30
-(REFERENCE.md sections 5-6). The original paper's setting: --epochs 20 --gpa-mean 15 --gpa-std 1.
+(DAC's setting, Wang et al., ICML 2024). The original paper's setting: --epochs 20 --gpa-mean 15 --gpa-std 1.
 
 Deviations from the official code:
 - Prompts train in fp32; only the frozen encoders run in fp16/bf16 under autocast, and prompts enter them in
@@ -49,7 +49,7 @@ Deviations from the official code:
   (about 1e-6) at a fraction of the cost (about a quarter for a 20-token prompt).
 - Training augmentation (RandomResizedCrop, horizontal flip) runs on the training device on images decoded
   once (data.TrainImages), drawn from a generator seeded with --seed, with torch's antialiased bicubic resize
-  in place of PIL's: the pixels differ by hundredths of a grey level on average (README).
+  in place of PIL's: the pixels differ by under a hundredth of a grey level on average (README).
 """
 from __future__ import annotations
 

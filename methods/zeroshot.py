@@ -1,6 +1,6 @@
 """Zero-shot CLIP (Radford et al., ICML 2021), https://arxiv.org/abs/2103.00020: the reference row of every table.
 
-Each class is described by the dataset's hand-written template (REFERENCE.md section 7, column "CoOp",
+Each class is described by the dataset's hand-written template (data.py's template table, column "coop",
 e.g. "a photo of a {}, a type of pet."); an image goes to the class whose text feature is most similar.
 Nothing is trained. The run reports base and novel (or cross-dataset) metrics in the same results.json
 format as the prompt-tuning methods: raw logits, temperature scaling fitted on the few-shot validation
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
     p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/zeroshot/none/DATASET/seedN/")
     p.add_argument("--template", default="coop", choices=["coop", "kgcoop", "prograd"],
-                   help="which hand-written template column of REFERENCE.md section 7 to use")
+                   help="which hand-written template column of data.py's table to use")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the encoders; auto = fp16 on CUDA, fp32 elsewhere")

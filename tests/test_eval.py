@@ -1,4 +1,4 @@
-"""Hand-computed metrics, post-hoc calibrators, result files and summaries of eval.py (REFERENCE.md 2-3)."""
+"""Hand-computed metrics, post-hoc calibrators, result files and summaries of eval.py (definitions in eval.py's docstrings)."""
 import csv
 import json
 import math

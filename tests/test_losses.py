@@ -1,4 +1,4 @@
-"""Hand-computed values and gradient directions for losses.py (REFERENCE.md sections 1-2)."""
+"""Hand-computed values and gradient directions for losses.py (the equations cited in losses.py)."""
 import argparse
 import math
 
