@@ -694,7 +694,7 @@ class TrainImages:
         if len(items) == 0:
             raise ValueError("cannot train on an empty item list")
         self.items, self.n_px, self.batch_size, self.device = list(items), n_px, batch_size, torch.device(device)
-        self.scale = (min_crop, 1.0)
+        self.scale, self._pool = (min_crop, 1.0), None
         self.generator = torch.Generator().manual_seed(seed)
         self.labels = torch.tensor([d.label for d in self.items], device=self.device)  # (N,)
         mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
@@ -729,15 +729,33 @@ class TrainImages:
 
     def augment(self, indices: Sequence[int]) -> torch.Tensor:
         """A random crop of each image, resized to n_px, flipped with p 0.5, normalised: (B, 3, n_px, n_px)."""
-        out = torch.empty(len(indices), 3, self.n_px, self.n_px, device=self.device)  # (B, 3, n_px, n_px)
-        for k, i in enumerate(indices):
-            top, left, h, w = crop_box(*self.sizes[i], self.generator, self.scale)
-            flip = torch.rand(1, generator=self.generator).item() < 0.5  # RandomHorizontalFlip's draw
+        draws = []  # drawn first, in image order, so the generator's stream does not depend on the threads
+        for i in indices:
+            box = crop_box(*self.sizes[i], self.generator, self.scale)
+            draws.append((i, box, torch.rand(1, generator=self.generator).item() < 0.5))  # RandomHorizontalFlip's draw
+        out = torch.empty(len(draws), 3, self.n_px, self.n_px, device=self.device)  # (B, 3, n_px, n_px)
+
+        def fill(k: int) -> None:
+            i, (top, left, h, w), flip = draws[k]
             rows = self.image(i)[top:top + h]  # (h, W, 3): contiguous, so a pinned one is copied asynchronously
             crop = rows.to(self.device, non_blocking=True)[:, left:left + w].permute(2, 0, 1)  # (3, h, w)
             x = resize(crop, self.n_px)  # (3, n_px, n_px), values 0..255
             out[k] = x.flip(-1) if flip else x
-        return out.sub_(self.mean).div_(self.std)  # = (x / 255 - mean) / std, CLIP's normalisation
+            out[k].sub_(self.mean).div_(self.std)  # = (x / 255 - mean) / std, CLIP's normalisation
+
+        # On the CPU one image's kernels are too small to use torch's threads, so the images of a batch are
+        # spread over them instead (torch releases the GIL); each image's pixels are the same either way.
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if threads > 1 and len(draws) > 1:
+            if self._pool is None or self._pool[0] != threads:
+                if self._pool is not None:
+                    self._pool[1].shutdown()
+                self._pool = (threads, ThreadPoolExecutor(threads))
+            list(self._pool[1].map(fill, range(len(draws))))
+        else:
+            for k in range(len(draws)):
+                fill(k)
+        return out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.items), generator=self.generator)  # (N,)

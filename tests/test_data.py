@@ -643,6 +643,23 @@ def test_train_images_are_deterministic_per_seed(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_train_images_do_not_depend_on_the_thread_count(tmp_path):
+    """On the CPU a batch's images are spread over torch's threads; the draws and the pixels stay the same."""
+    items = _image_files(tmp_path, [(20 + i, 30 - i) for i in range(8)])
+    saved = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            images = data.TrainImages(items, 8, 4, "cpu", seed=2)
+            runs.append([(x, y) for _ in range(2) for x, y in images])
+            assert images._pool is None if threads == 1 else images._pool[0] == threads
+    finally:
+        torch.set_num_threads(saved)
+    for other in runs[1:]:
+        assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(runs[0], other))
+
+
 def test_augment_is_crop_resize_flip_normalise(tmp_path):
     """Each image gets crop_box's box, then RandomHorizontalFlip's draw, from the one generator; the result is
     the crop resized by `resize` (flipped when the draw says so), normalised with CLIP's mean and std."""
