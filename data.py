@@ -11,7 +11,7 @@ Everything that must be identical across methods for a fair comparison lives her
   items when fewer, which consumes no randomness), then the val draw with min(shots, 4) shots continuing
   the same stream. It uses a private `random.Random(seed)`, whose stream is exactly that of
   `random.seed(seed)` followed by module-level `random.sample`, so the draw does not disturb (or depend
-  on) the caller's global RNG and a cache hit leaves the process in the same state as a miss.
+  on) the caller's global RNG. It is drawn afresh every run and recorded as JSON (`few_shot_cached`).
 * `subsample_classes` / `base_to_novel`: sorted train labels, base = first ceil(n/2), relabelled 0..k-1.
 * Per-dataset templates (three columns of section 7) and the 80 CLIP ImageNet templates.
 * Section-5 transforms, the evaluation DataLoader, and `TrainImages`: the few-shot training images decoded
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import math
@@ -62,8 +64,55 @@ DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "calibrated-prompts", "splits")
 COLUMNS = ("coop", "kgcoop", "prograd")
 
 
-class DatasetError(RuntimeError):
+class UserError(Exception):
+    """A problem with what the user gave (an option, a file, a folder, the machine), as opposed to a bug.
+
+    Every script runs its main() inside `eval.user_errors()`, which prints the message as one line
+    `error: <what>, <where>, <what to do>` on stderr and exits with `status`, without a traceback; library
+    callers can catch it like any exception. The message is written without the "error: " prefix.
+    """
+
+    status = 1
+
+
+class DatasetError(UserError):
     """A dataset folder, split file or image is missing or inconsistent."""
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write `payload` to `path` through a temporary file in the same folder (fsync, then rename), so no
+    reader ever sees half a file, with the permissions a plain open() would give (0666 minus the umask).
+
+    The folder is created when missing. A failed write removes its temporary file and raises a UserError that
+    names the file and says when the disk is full."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if not isinstance(e, OSError):
+            raise
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"cannot write {path}: {why}; free space or fix the folder's permissions (or write "
+                        f"elsewhere), then rerun") from None
 
 
 @dataclass(frozen=True)
@@ -169,7 +218,7 @@ IMAGENET_TEMPLATES: list[str] = [
 
 def dataset_info(key: str) -> DatasetInfo:
     if key not in DATASETS:
-        raise ValueError(f"unknown dataset {key!r}; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {key!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[key]
 
 
@@ -390,11 +439,14 @@ def _draw(rng: random.Random, items: Sequence[Datum], shots: int) -> list[Datum]
     return out
 
 
+DRAW_RULE = "coop-1"  # recorded with every draw; a new name whenever `few_shot` would draw differently
+
+
 def few_shot(train: Sequence[Datum], val: Sequence[Datum], shots: int,
              seed: int) -> tuple[list[Datum], list[Datum]]:
     """CoOp's draw: `shots` per train label, then min(shots, 4) per val label, one stream."""
     if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+        raise UserError(f"--shots must be at least 1, got {shots}")
     rng = random.Random(seed)  # same stream as random.seed(seed) + random.sample
     return _draw(rng, train, shots), _draw(rng, val, min(shots, 4))
 
@@ -404,77 +456,45 @@ def _cache_file(key: str, shots: int, seed: int, cache_dir: str | os.PathLike | 
     return os.path.join(os.path.expanduser(base), key, f"shot_{shots}-seed_{seed}.json")
 
 
-def _write_json_atomic(path: str, obj: object) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _rows(items: Iterable[Datum]) -> list[list]:
     return [[d.impath, d.label, d.classname] for d in items]
 
 
 def _fingerprint(train: Sequence[Datum], val: Sequence[Datum]) -> str:
-    """Hash of the lists drawn from, so a cache made from a different split file or root is stale."""
+    """Hash of the lists drawn from, so a record made from a different split file or root is told apart."""
     h = hashlib.sha256()
     for split in (train, val):
         h.update(json.dumps(_rows(split)).encode())
     return h.hexdigest()
 
 
-def _read_cache(path: str, header: dict, pools: dict[str, Sequence[Datum]]) -> tuple | str:
-    """The cached (train, val) draw, or a string saying why the file is unusable."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"not valid JSON ({e})"
-    if not isinstance(obj, dict) or set(obj) != set(header) | set(pools):
-        return "wrong keys"
-    if any(obj[k] != v for k, v in header.items()):
-        return "drawn with other settings or from other train/val lists"
-    out = []
-    for split, pool in pools.items():
-        allowed, seen = set(pool), set()
-        for e in obj[split] if isinstance(obj[split], list) else [None]:
-            ok = isinstance(e, list) and len(e) == 3 and all(isinstance(v, h) for v, h in zip(e, (str, int, str)))
-            d = Datum(*e) if ok else None
-            if d not in allowed or d in seen:
-                return f"{split} entry {e!r} is not an item of the current {split} split"
-            seen.add(d)
-        out.append([Datum(*e) for e in obj[split]])
-    return tuple(out)
-
-
 def few_shot_cached(key: str, train: Sequence[Datum], val: Sequence[Datum], shots: int, seed: int,
                     cache_dir: str | os.PathLike | None = None) -> tuple[list[Datum], list[Datum]]:
-    """`few_shot`, recorded as JSON in <cache_dir>/<key>/shot_<shots>-seed_<seed>.json.
+    """`few_shot`, drawn afresh every time (it takes microseconds) and recorded as JSON in
+    <cache_dir>/<key>/shot_<shots>-seed_<seed>.json, so the images a run trained on can be looked up.
 
-    cache_dir: argument, else $CP_CACHE, else ~/.cache/calibrated-prompts/splits (never the dataset
-    folder, which may be read-only). A corrupt file, or one drawn from other train/val lists, is
-    reported and rebuilt.
+    cache_dir: argument, else $CP_CACHE, else ~/.cache/calibrated-prompts/splits (never the dataset folder,
+    which may be read-only). The record is never read back as the draw: one that differs from the draw (an
+    edited or corrupt file, another split file, an older draw rule) is reported and replaced, and a record
+    that cannot be written costs only the record.
     """
     path = _cache_file(key, shots, seed, cache_dir)
-    header = {"dataset": key, "shots": shots, "seed": seed, "source": _fingerprint(train, val)}
-    if os.path.exists(path):
-        cached = _read_cache(path, header, {"train": train, "val": val})
-        if not isinstance(cached, str):
-            return cached
-        warnings.warn(f"few-shot cache {path} is unusable ({cached}); rebuilding it", RuntimeWarning)
     train_fs, val_fs = few_shot(train, val, shots, seed)
+    record = {"dataset": key, "shots": shots, "seed": seed, "rule": DRAW_RULE, "source": _fingerprint(train, val),
+              "train": _rows(train_fs), "val": _rows(val_fs)}
     try:
-        _write_json_atomic(path, {**header, "train": _rows(train_fs), "val": _rows(val_fs)})
-    except OSError as e:  # the draw is deterministic; losing the record is not fatal
-        warnings.warn(f"could not write few-shot cache {path}: {e}", RuntimeWarning)
+        with open(path, encoding="utf-8") as f:
+            if json.load(f) == record:
+                return train_fs, val_fs
+        warnings.warn(f"few-shot record {path} differs from the draw of seed {seed}; replacing it", RuntimeWarning)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        warnings.warn(f"few-shot record {path} is unreadable ({e}); replacing it", RuntimeWarning)
+    try:
+        write_atomic(path, json.dumps(record).encode())
+    except UserError as e:  # the draw is deterministic; losing the record is not fatal
+        warnings.warn(f"could not write the few-shot record: {e}", RuntimeWarning)
     return train_fs, val_fs
 
 
@@ -529,12 +549,43 @@ def protocol_splits(protocol: str, key: str, root: str | os.PathLike, shots: int
     """
     if protocol == "base2new":
         base, new = base_to_novel(key, root, shots, seed, cache_dir)
-        return base, {"base": base, "novel": new}
-    if protocol == "xd":
+        train, targets = base, {"base": base, "novel": new}
+    elif protocol == "xd":
         source = load_few_shot(key, root, shots, seed, cache_dir)
         pool = DEMO_DATASETS if key in DEMO_DATASETS else XD_TARGETS + DG_TARGETS
-        return source, {key: source, **{t: load_dataset(t, root) for t in pool if t != key}}
-    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        train, targets = source, {key: source, **{t: load_dataset(t, root) for t in pool if t != key}}
+    else:
+        raise UserError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    check_images([*train.train, *train.val, *(d for split in targets.values() for d in split.test)])
+    return train, targets
+
+
+def _decode_problem(path: str) -> str | None:
+    """Why the image at `path` cannot be decoded, or None. A JPEG is decoded at 1/8 scale (PIL's draft): its
+    compressed data is still read to the end, so truncated or corrupt files fail as they would in full."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def check_images(items: Iterable[Datum], threads: int | None = None) -> None:
+    """Decode every image a run will read, once, before any training: a DatasetError lists the bad files
+    (instead of a crash in the evaluation after hours of training). Threads: min(8, usable CPUs) by default."""
+    paths = sorted({d.impath for d in items})
+    with ThreadPoolExecutor(threads or min(8, usable_cpus())) as pool:  # PIL releases the GIL while decoding
+        problems = [(p, why) for p, why in zip(paths, pool.map(_decode_problem, paths)) if why]
+    if problems:
+        shown = ", ".join(f"{p} ({why})" for p, why in problems[:3])
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise DatasetError(f"{len(problems)} of the {len(paths)} images this run reads cannot be decoded: {shown}"
+                           f"{more}; replace or re-download them ({HINT})")
 
 
 # ----------------------------------------------------------------------------- templates

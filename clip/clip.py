@@ -16,7 +16,12 @@ from tqdm import tqdm
 from .model import CLIP, build_model
 from .tokenizer import SimpleTokenizer
 
-__all__ = ["available_models", "load", "tokenize", "MODELS"]
+__all__ = ["available_models", "load", "tokenize", "MODELS", "CheckpointError"]
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A model name or checkpoint file that `load` cannot turn into a CLIP model (unknown, not downloadable,
+    unreadable, or not a CLIP state dict); the message names the file."""
 
 _BASE_URL = "https://openaipublic.azureedge.net/clip/models"
 # name -> SHA256 of the official file; the hash is also a segment of its URL.
@@ -77,11 +82,11 @@ def _download(url: str, root: Path) -> Path:
                         h.update(block)
                         bar.update(len(block))
         except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not download {url} ({e}). Without network access, download that file elsewhere "
                 f"and put it at {target} (or pass its path to clip.load / --backbone)") from None
         if h.hexdigest() != expected:
-            raise RuntimeError(f"downloaded {url} but its SHA256 is {h.hexdigest()}, not {expected}; "
+            raise CheckpointError(f"downloaded {url} but its SHA256 is {h.hexdigest()}, not {expected}; "
                                f"nothing was saved, try again")
         os.replace(tmp, target)
     finally:
@@ -112,11 +117,14 @@ def _read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{path} is neither a TorchScript archive nor a torch.save file of tensors: {e}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        raise CheckpointError(f"{path} is neither a TorchScript archive nor a torch.save file of tensors "
+                              f"({why})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RuntimeError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict")
     return obj
 
 
@@ -137,9 +145,14 @@ def load(name: str, device: Union[str, torch.device, None] = None, jit: bool = F
     elif os.path.isfile(name):
         path = Path(name)
     else:
-        raise RuntimeError(f"model {name!r} not found: give one of {available_models()} or a checkpoint file path")
+        raise CheckpointError(f"model {name!r} not found: give one of {available_models()} or a checkpoint file path")
 
-    model = build_model(_read_state_dict(path)).to(device)
+    state = _read_state_dict(path)
+    try:
+        model = build_model(state)
+    except (KeyError, ValueError, RuntimeError) as e:  # missing keys, odd widths, shapes that do not fit
+        raise CheckpointError(f"{path} is not a CLIP checkpoint this loader can build: {e}") from None
+    model = model.to(device)
     if device.type != "cuda":
         model.float()  # fp16 matmuls are slow or unsupported off the GPU
     return model, _transform(model.visual.input_resolution)

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -281,7 +282,7 @@ def test_variant_errors(tmp_path, imagenet_root):
     _write_text(str(tmp_path / "imagenetv2" / "classnames.txt"), "n1 a\nn2 b\n")
     with pytest.raises(DatasetError, match=r"missing \['0'\]"):
         data.load_dataset("imagenetv2", tmp_path)
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(data.UserError, match="unknown dataset"):
         data.load_dataset("imagenet21k", imagenet_root)
 
 
@@ -369,55 +370,50 @@ def test_few_shot_stable_across_processes():
 
 
 def test_few_shot_rejects_zero_shots():
-    with pytest.raises(ValueError):
+    with pytest.raises(data.UserError, match="--shots"):
         data.few_shot(TRAIN, VAL, 0, 1)
 
 
-def test_few_shot_cache_roundtrip(tmp_path, monkeypatch):
+def test_few_shot_record_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("CP_CACHE", str(tmp_path / "env"))
     first = data.few_shot_cached("demo_shapes", TRAIN, VAL, 16, 1)
+    assert first == data.few_shot(TRAIN, VAL, 16, 1)
     path = tmp_path / "env" / "demo_shapes" / "shot_16-seed_1.json"
     stored = json.loads(path.read_text())
-    assert (stored["dataset"], stored["shots"], stored["seed"]) == ("demo_shapes", 16, 1)
-    assert set(stored) == {"dataset", "shots", "seed", "source", "train", "val"}
-    assert [Datum(*e) for e in stored["train"]] == first[0]
-
-    def fail(*args):
-        raise AssertionError("cache not used")
-
-    monkeypatch.setattr(data, "few_shot", fail)
-    assert data.few_shot_cached("demo_shapes", TRAIN, VAL, 16, 1) == first
+    assert (stored["dataset"], stored["shots"], stored["seed"], stored["rule"]) == ("demo_shapes", 16, 1, data.DRAW_RULE)
+    assert set(stored) == {"dataset", "shots", "seed", "rule", "source", "train", "val"}
+    assert [Datum(*e) for e in stored["train"]] == first[0] and [Datum(*e) for e in stored["val"]] == first[1]
+    before = path.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an up-to-date record is left alone, silently
+        assert data.few_shot_cached("demo_shapes", TRAIN, VAL, 16, 1) == first
+    assert path.stat().st_mtime_ns == before
     # an explicit argument wins over $CP_CACHE
-    monkeypatch.undo()
     data.few_shot_cached("demo_shapes", TRAIN, VAL, 4, 2, cache_dir=tmp_path / "arg")
     assert (tmp_path / "arg" / "demo_shapes" / "shot_4-seed_2.json").is_file()
 
 
-def _corrupt_variants(stored: dict) -> list[str]:
-    wrong_seed = dict(stored, seed=2)
-    foreign = json.loads(json.dumps(stored))
-    foreign["train"][0][0] = "/elsewhere/x.jpg"
-    duplicated = json.loads(json.dumps(stored))
-    duplicated["val"][1] = duplicated["val"][0]
-    return ['{"train": [', json.dumps({"train": stored["train"]}), json.dumps(wrong_seed),
-            json.dumps(foreign), json.dumps(duplicated), json.dumps(dict(stored, train=5)),
-            json.dumps(dict(stored, source="0" * 64))]  # drawn from other lists
-
-
-def test_corrupt_cache_is_rebuilt(tmp_path):
+def test_few_shot_record_is_never_trusted(tmp_path):
+    """The draw is recomputed every time: a record that differs from it (one swapped image, another seed, an
+    older rule, another split file, a corrupt file) changes nothing and is replaced."""
     expected = data.few_shot(TRAIN, VAL, 16, 1)
     data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path)
     path = tmp_path / "dtd" / "shot_16-seed_1.json"
-    good = path.read_text()
-    for bad in _corrupt_variants(json.loads(good)):
+    good = json.loads(path.read_text())
+    swapped = json.loads(json.dumps(good))
+    unused = next(d for d in TRAIN if d not in expected[0] and d.label == expected[0][0].label)
+    swapped["train"][0] = [unused.impath, unused.label, unused.classname]  # still an item of the train split
+    for bad in [json.dumps(swapped), json.dumps(dict(good, seed=2)), json.dumps(dict(good, rule="old")),
+                json.dumps(dict(good, source="0" * 64)), json.dumps({"train": good["train"]})]:
         path.write_text(bad)
-        with pytest.warns(RuntimeWarning, match="rebuilding"):
+        with pytest.warns(RuntimeWarning, match="differs from the draw"):
             assert data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path) == expected
-        assert json.loads(path.read_text()) == json.loads(good)
+        assert json.loads(path.read_text()) == good
+    path.write_text('{"train": [')
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert data.few_shot_cached("dtd", TRAIN, VAL, 16, 1, cache_dir=tmp_path) == expected
+    assert json.loads(path.read_text()) == good
     assert not [p for p in os.listdir(path.parent) if p.endswith(".tmp")]  # atomic write cleaned up
-    moved = [Datum("/moved" + d.impath, d.label, d.classname) for d in TRAIN]  # e.g. a new data root
-    with pytest.warns(RuntimeWarning, match="other train/val lists"):
-        assert data.few_shot_cached("dtd", moved, VAL, 16, 1, cache_dir=tmp_path) == data.few_shot(moved, VAL, 16, 1)
 
 
 # ----------------------------------------------------------------------------- base / novel
@@ -489,7 +485,7 @@ def test_protocol_splits(tmp_path):
     assert list(targets) == ["demo_shapes", "demo_colours", "demo_patterns"]
     assert train == targets["demo_shapes"] and len(train.classnames) == 4 and len(train.train) == 8
     assert targets["demo_colours"] == data.load_dataset("demo_colours", tmp_path)
-    with pytest.raises(ValueError, match="protocol"):
+    with pytest.raises(data.UserError, match="protocol"):
         data.protocol_splits("dg", "demo_shapes", tmp_path, 2, 1, cache_dir=cache)
     with pytest.raises(DatasetError, match="caltech-101"):  # xd from a real source needs every target
         make_split_tree(tmp_path, "eurosat", 10)
