@@ -14,6 +14,8 @@ import contextlib
 import copy
 import csv
 import datetime
+import fcntl
+import io
 import json
 import os
 import pickle
@@ -31,7 +33,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import data
 import losses
+from data import UserError
 
 VARIANTS = ("raw", "ts", "dac")
 
@@ -234,22 +238,8 @@ def _jsonable(o):
 
 
 def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`, so a killed or failed
-    write never leaves a partial file under the final name (the temporary file is removed on error)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """JSON through `data.write_atomic`: a killed or failed write never leaves a partial file under `path`."""
+    data.write_atomic(path, json.dumps(obj, indent=2, default=_jsonable).encode())
 
 
 def code_version() -> dict:
@@ -287,29 +277,181 @@ def write_results(out_dir, *, method: str, args, metrics: dict, temperature: flo
     record["complete"] = True
     path = Path(out_dir) / "results.json"
     write_json_atomic(path, record)
+    release_runs()  # the run is finished: its folder's lock goes
     return path
 
 
 # ------------------------------------------------------------------------------------- run plumbing
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a command-line error is a UserError (one `error:` line, exit status 2), and --help
+    states each default once: options whose help text already says its default get no "(default: ...)"."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+                return text
+            return super()._get_help_string(action)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=self.Formatter, **kwargs)
+
+    def error(self, message: str):
+        error = UserError(f"{message} (command line of {self.prog}); see {self.prog} --help")
+        error.status = 2  # argparse's status for a usage error
+        raise error
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Every script runs main() inside this. A UserError ends the process with one line `error: ...` on stderr
+    and its status, no traceback; any other exception is a bug and keeps its traceback. Either way, a run
+    folder this process claimed and left without results is removed if nothing else is in it."""
+    try:
+        yield
+    except UserError as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(e.status) from None
+    finally:
+        release_runs()
+
+
 def pick_device(name: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None for plain fp32). auto picks cuda, then mps, then cpu; auto precision is
     fp16 on CUDA (the frozen encoders' dtype in the official code) and fp32 elsewhere."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s) on this machine; "
+                        f"use --device cpu (or auto), or check CUDA_VISIBLE_DEVICES")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: this machine (or this torch build) has no MPS device; use --device cpu")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device {name}: only cpu, cuda and mps are supported")
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise SystemExit("error: --precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        raise UserError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     return device, {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def load_backbone(name: str, device: torch.device, amp_dtype: torch.dtype | None):
+    """clip.load(name) held in the autocast dtype (fp32 without autocast); a name that is neither a CLIP model
+    nor a readable CLIP checkpoint is a UserError naming it."""
+    import clip  # local import: eval.py's metrics and summaries need no model code
+
+    if name not in clip.available_models() and not os.path.isfile(name):
+        raise UserError(f"--backbone {name!r} is neither a CLIP model ({', '.join(clip.available_models())}) nor a "
+                        f"file; give one of those names or the path of a CLIP checkpoint")
+    try:
+        clip_model, _ = clip.load(name, device=device)
+    except (clip.CheckpointError, OSError) as e:
+        raise UserError(f"--backbone: {e}; give a CLIP model name or an official CLIP checkpoint file") from None
+    return clip_model.to(amp_dtype or torch.float32)
+
+
+class RunBusy(UserError):
+    """The run folder is locked by another process that is training the same run."""
+
+    status = 75  # EX_TEMPFAIL: run.sh reports the run as "being run elsewhere", not as failed
+
+
+_claimed: dict[Path, tuple[int, Path]] = {}  # run folder -> (descriptor holding its lock, output root)
+
+
+def _lock_held_by_parent(lock: Path) -> bool:
+    """run.sh locks the folder itself before starting the script and passes the descriptor as $RUN_LOCK_FD."""
+    fd = os.environ.get("RUN_LOCK_FD", "")
+    try:
+        held, here = os.fstat(int(fd)), os.stat(lock)
+    except (ValueError, OSError):
+        return False
+    return (held.st_dev, held.st_ino) == (here.st_dev, here.st_ino)
+
+
+def claim_run(path: Path, root: Path | None = None) -> None:
+    """Lock the run folder `path` (an exclusive flock on path/.lock) for the life of this process, or raise
+    RunBusy when another process holds it. The lock goes with the process, even after kill -9. `root`: the
+    output folder above it, down to which `release_runs` removes folders left empty."""
+    lock = path / ".lock"
+    if path in _claimed or _lock_held_by_parent(lock):
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~data._umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusy(f"the run folder {path} is locked by another process that is training this run; wait "
+                          f"for it to finish, or write elsewhere with --output") from None
+        try:  # the last holder may have removed the file between our open and our lock: then lock the new one
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _claimed[path] = (fd, root or path)
+
+
+def release_runs() -> None:
+    """Unlock the run folders this process claimed; one that holds nothing but its lock file is removed, so a
+    run that failed before writing anything leaves no folder that reads as an unfinished run."""
+    for path, (fd, root) in list(_claimed.items()):
+        with contextlib.suppress(OSError):
+            if [p.name for p in path.iterdir()] == [".lock"]:
+                (path / ".lock").unlink()
+                path.rmdir()
+                for parent in path.parents:  # PROTOCOL/METHOD/CALIB/DATASET folders made for it, if now empty
+                    if parent == root or root not in parent.parents:
+                        break
+                    parent.rmdir()  # fails (and stops) at the first folder that holds something else
+        os.close(fd)
+        del _claimed[path]
+
+
 def run_dir(args, method: str) -> Path:
-    """OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/, created; a results.json left by an earlier run is removed
-    first, so a run that dies midway never leaves a finished-looking file behind."""
-    path = Path(args.output) / args.protocol / method / args.calib / args.dataset / f"seed{args.seed}"
-    path.mkdir(parents=True, exist_ok=True)
+    """OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/, created and locked for this process (`claim_run`); the
+    results.json of an earlier run and temporary files of a killed write are removed first, so a run that dies
+    midway never leaves a finished-looking file behind."""
+    root = Path(args.output)
+    path = root / args.protocol / method / args.calib / args.dataset / f"seed{args.seed}"
+    existing = next(p for p in (path, *path.parents) if p.exists())  # checked first, so nothing is created
+    why = "it is not a folder" if not existing.is_dir() else \
+        "Permission denied" if not os.access(existing, os.W_OK | os.X_OK) else None
+    for attempt in range(3):  # another process's release_runs may remove an empty parent meanwhile: retry
+        try:
+            if why:
+                raise NotADirectoryError(why)
+            path.mkdir(parents=True, exist_ok=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+        except OSError as e:
+            raise UserError(f"cannot write the run folder {path} ({existing}: {e.strerror or e}); choose a "
+                            f"writable folder with --output") from None
+    claim_run(path, root)
     (path / "results.json").unlink(missing_ok=True)
+    for stale in path.glob(".*.tmp"):  # a write killed between its temporary file and the rename
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -347,8 +489,6 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     training classes under the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come
     from the same logits.
     """
-    import data  # local import: keeps eval.py's summary CLI independent of the data code
-
     amp = dict(device_type=torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def encode(images):
@@ -452,16 +592,11 @@ def load_prompt_state(module: torch.nn.Module, state: dict, path) -> None:
 
 
 def save_prompt(state: dict, path) -> None:
-    """Save the learned tensors (plain tensors only, loadable with weights_only=True), atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Save the learned tensors (plain tensors only, loadable with weights_only=True) through
+    `data.write_atomic`: serialised in memory first, so a full disk is reported as such, naming the file."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, buffer)
+    data.write_atomic(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -563,7 +698,8 @@ def _observations(recs: list[dict], b2n: bool, splits: list[str], metrics: Itera
             for variant, m in by_variant.items():
                 for metric in metrics:
                     if metric not in m:
-                        raise ValueError(f"{r['_path']}: no metric {metric!r} in {split}/{variant}")
+                        raise UserError(f"no metric {metric!r} in {split}/{variant}, {r['_path']}; "
+                                        f"--metrics takes keys of its metrics, e.g. {', '.join(sorted(m))}")
                     q, col = (f"{split} {metric}", r["dataset"]) if b2n else (metric, split)
                     obs[q][(r["method"], r["calib"], variant)][col][r["seed"]] = m[metric]
     return obs
@@ -680,14 +816,37 @@ def _radar(path: Path, cols: list[str], tables: dict, title: str) -> None:
     fig.savefig(path)
 
 
+def plan(datasets: list[str], calibs: list[str], protocol: str) -> list[tuple[str, str]]:
+    """run.sh's up-front check: [(dataset key, its folder under the data root)], the protocol's default datasets
+    when none are given; an unknown dataset, calibration or protocol is a UserError before anything runs."""
+    if protocol not in data.PROTOCOLS:
+        raise UserError(f"--protocol must be one of {', '.join(data.PROTOCOLS)}, got {protocol!r}")
+    unknown = [c for c in calibs if c not in losses.CALIBS]
+    if unknown:
+        raise UserError(f"unknown calibration(s) {' '.join(unknown)} in --calibs; choose from {' '.join(losses.CALIBS)}")
+    keys = datasets or (data.BASE_TO_NOVEL if protocol == "base2new" else ["imagenet"])
+    unknown = [k for k in keys if k not in data.DATASETS]
+    if unknown:
+        raise UserError(f"unknown dataset(s) {' '.join(unknown)} in --datasets; choose from {' '.join(data.DATASETS)}")
+    return [(k, data.DATASETS[k].folder) for k in keys]
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="tables of every results.json below OUTPUT_DIR")
     s.add_argument("output_dir")
     s.add_argument("--split", nargs="+", help="metric splits to tabulate (default: base novel, or every target)")
-    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys (default: acc ece)")
+    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys")
+    c = sub.add_parser("plan", help="check run.sh's datasets, calibrations and protocol; print 'key folder' lines")
+    c.add_argument("--datasets", default="", help="space-separated dataset keys (default: the protocol's)")
+    c.add_argument("--calibs", default="none", help="space-separated calibrations")
+    c.add_argument("--protocol", default="base2new", help="base2new or xd")
     a = parser.parse_args(argv)
+    if a.command == "plan":
+        for key, folder in plan(a.datasets.split(), a.calibs.split(), a.protocol):
+            print(key, folder)
+        return
     if not Path(a.output_dir).is_dir():
         parser.error(f"OUTPUT_DIR {a.output_dir} is not a directory")
     text = summarize(a.output_dir, a.split, a.metrics)
@@ -700,4 +859,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():
+        main(sys.argv[1:])

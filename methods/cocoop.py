@@ -82,41 +82,41 @@ METHOD = "cocoop"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
     p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
                    help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
                         "test on its variants and the other datasets")
-    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot draw and the training")
-    p.add_argument("--shots", type=int, default=16, help="training images per class")
+    p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot draw and the training")
+    p.add_argument("--shots", type=evaluation.at_least(1), default=16, help="training images per class")
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
     p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (the first is the warm-up epoch)")
-    p.add_argument("--batch-size", type=int, default=1, help="training batch size")
+    p.add_argument("--epochs", type=evaluation.at_least(1), default=10, help="training epochs (the first is the warm-up epoch)")
+    p.add_argument("--batch-size", type=evaluation.at_least(1), default=1, help="training batch size")
     p.add_argument("--lr", type=float, default=0.002, help="peak learning rate of the cosine schedule")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
-    p.add_argument("--n-ctx", type=int, default=4, help="number of context vectors (ignored with --ctx-init)")
+    p.add_argument("--n-ctx", type=evaluation.at_least(1), default=4, help="number of context vectors (ignored with --ctx-init)")
     p.add_argument("--ctx-init", default="a photo of a", help='initialise the context from this phrase '
                                                               '("" = --n-ctx random N(0, 0.02) vectors)')
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=evaluation.at_least(0), default=None,
                    help="processes decoding evaluation images, threads decoding training images "
                         "(unset: min(8, CPUs) on CUDA, 0 elsewhere)")
     p.add_argument("--image-cache-gb", type=float, default=2.0,
                    help="decoded training images up to this size are kept on the training device, more in "
                         "host memory (augmentation runs on the device every step)")
-    p.add_argument("--feature-cache", type=int, default=0, metavar="K",
+    p.add_argument("--feature-cache", type=evaluation.at_least(0), default=0, metavar="K",
                    help="opt-in speed-up, a deviation from the protocol: encode K augmented views per training "
                         "image once and draw one per epoch (0 = off: fresh augmentation every step)")
     p.add_argument("--checkpoint-text", action="store_true",
                    help="activation checkpointing in the text encoder: far less memory for many classes, "
                         "same gradients, about a third more text-side compute")
-    p.add_argument("--chunk-size", type=int, default=1024,
+    p.add_argument("--chunk-size", type=evaluation.at_least(1), default=1024,
                    help="image-conditioned prompts per text-encoder pass: a batch's B x C prompts are chunked; "
                         "test images go max(1, chunk-size // C) at a time (bounds memory, same logits)")
     p.add_argument("--eval-only", action="store_true", help="skip training and evaluate the prompt given by --load")
@@ -125,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="allow --load to unpickle arbitrary objects (only for files you trust)")
     losses.add_calibration_args(p)
     args = p.parse_args(argv)
-    if args.chunk_size < 1:
-        p.error(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    if args.eval_only and not args.load:
+        p.error("--eval-only needs --load, the prompt checkpoint to evaluate")
     return args
 
 
@@ -253,8 +253,7 @@ def main(argv=None) -> None:
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
     train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
-    clip_model, _ = clip.load(args.backbone, device=device)
-    clip_model = clip_model.to(amp_dtype or torch.float32)
+    clip_model = evaluation.load_backbone(args.backbone, device, amp_dtype)
     n_px = clip_model.visual.input_resolution
     print(f"{METHOD} on {args.dataset} ({args.protocol}): {len(train.classnames)} training classes, "
           f"{len(train.train)} training images, device {device}, precision {amp_dtype or torch.float32}")
@@ -310,8 +309,8 @@ def main(argv=None) -> None:
                 seen += len(labels)
             epoch_loss, epoch_acc = (loss_sum / seen).item(), (100 * correct / seen).item()  # one sync per epoch
             if not math.isfinite(epoch_loss):
-                sys.exit(f"error: the training loss became {epoch_loss} in epoch {epoch + 1}; stopping without "
-                         f"writing results (try --precision fp32 or a lower --lr)")
+                raise data.UserError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; stopping "
+                                     f"without writing results (try --precision fp32 or a lower --lr)")
             print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  loss {epoch_loss:.4f}  "
                   f"train acc {epoch_acc:6.2f}  {time.time() - t0:7.1f}s", flush=True)
         train_time = time.time() - t0
@@ -352,4 +351,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with evaluation.user_errors():
+        main()

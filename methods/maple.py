@@ -70,33 +70,33 @@ METHOD = "maple"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
     p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
                    help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
                         "test on its variants and the other datasets")
-    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot draw and the training")
-    p.add_argument("--shots", type=int, default=16, help="training images per class")
+    p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot draw and the training")
+    p.add_argument("--shots", type=evaluation.at_least(1), default=16, help="training images per class")
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
     p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (the first is the warm-up epoch)")
-    p.add_argument("--batch-size", type=int, default=4, help="training batch size")
+    p.add_argument("--epochs", type=evaluation.at_least(1), default=5, help="training epochs (the first is the warm-up epoch)")
+    p.add_argument("--batch-size", type=evaluation.at_least(1), default=4, help="training batch size")
     p.add_argument("--lr", type=float, default=0.0035, help="peak learning rate of the cosine schedule")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
-    p.add_argument("--n-ctx", type=int, default=2, help="number of context vectors (prompt tokens) at every depth")
+    p.add_argument("--n-ctx", type=evaluation.at_least(1), default=2, help="number of context vectors (prompt tokens) at every depth")
     p.add_argument("--ctx-init", default="", help='prompt "PHRASE {class}." with the first --n-ctx tokens of the '
                                                   'phrase learnable, e.g. "a photo of a" (MaPLe\'s original init; '
                                                   "default: random N(0, 0.02), DAC's setting)")
-    p.add_argument("--prompt-depth", type=int, default=9,
+    p.add_argument("--prompt-depth", type=evaluation.at_least(1), default=9,
                    help="layers that get prompts: 1 = the input only, 9 = the input and layers 1..8 of both towers "
                         "(clipped to the model's layers)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=evaluation.at_least(0), default=None,
                    help="processes decoding evaluation images, threads decoding training images "
                         "(unset: min(8, CPUs) on CUDA, 0 elsewhere)")
     p.add_argument("--image-cache-gb", type=float, default=2.0,
@@ -110,7 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow --load to unpickle arbitrary objects (only for files you trust)")
     losses.add_calibration_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_only and not args.load:
+        p.error("--eval-only needs --load, the prompt checkpoint to evaluate")
+    return args
 
 
 def _vit_layers(clip_model) -> int:
@@ -118,8 +121,8 @@ def _vit_layers(clip_model) -> int:
     visual = clip_model.visual
     if not all(hasattr(visual, name) for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre",
                                                   "transformer", "ln_post", "proj")):
-        raise SystemExit(f"error: MaPLe needs a ViT backbone (its vision prompts are tokens between transformer "
-                         f"layers); this backbone's image encoder is a {type(visual).__name__}")
+        raise data.UserError(f"MaPLe needs a ViT backbone (its vision prompts are tokens between transformer "
+                             f"layers); this backbone's image encoder is a {type(visual).__name__}")
     return min(len(clip_model.transformer.resblocks), len(visual.transformer.resblocks))
 
 
@@ -197,7 +200,7 @@ class MultiModalPromptLearner(nn.Module):
         vis_dim = clip_model.visual.conv1.weight.shape[0]  # D_img
         n_ctx, depth = args.n_ctx, args.prompt_depth
         if n_ctx < 1 or depth < 1:
-            raise SystemExit(f"error: --n-ctx ({n_ctx}) and --prompt-depth ({depth}) must be at least 1")
+            raise data.UserError(f"--n-ctx ({n_ctx}) and --prompt-depth ({depth}) must be at least 1")
         if depth > n_layers:
             warnings.warn(f"--prompt-depth {depth} exceeds the {n_layers} layers of this backbone; "
                           f"clipped to {n_layers}", stacklevel=2)
@@ -207,8 +210,8 @@ class MultiModalPromptLearner(nn.Module):
             tokens = clip.tokenize(ctx_init, context_length=clip_model.context_length)[0]  # (L,)
             n_words = int((tokens > 0).sum()) - 2  # BPE tokens between SOS and EOT
             if n_words < n_ctx:
-                raise SystemExit(f"error: --ctx-init {args.ctx_init!r} has {n_words} tokens, "
-                                 f"fewer than --n-ctx {n_ctx}")
+                raise data.UserError(f"--ctx-init {args.ctx_init!r} has {n_words} tokens, "
+                                     f"fewer than --n-ctx {n_ctx}")
             with torch.no_grad():
                 embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
             ctx_vectors = embedding[1:1 + n_ctx].float()  # (n_ctx, D): the phrase's first tokens; the rest stay fixed
@@ -290,8 +293,7 @@ def main(argv=None) -> None:
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
     train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
-    clip_model, _ = clip.load(args.backbone, device=device)
-    clip_model = clip_model.to(amp_dtype or torch.float32)
+    clip_model = evaluation.load_backbone(args.backbone, device, amp_dtype)
     n_px = clip_model.visual.input_resolution
     print(f"{METHOD} on {args.dataset} ({args.protocol}): {len(train.classnames)} training classes, "
           f"{len(train.train)} training images, device {device}, precision {amp_dtype or torch.float32}")
@@ -348,8 +350,8 @@ def main(argv=None) -> None:
                 seen += len(labels)
             epoch_loss, epoch_acc = (loss_sum / seen).item(), (100 * correct / seen).item()  # one sync per epoch
             if not math.isfinite(epoch_loss):
-                sys.exit(f"error: the training loss became {epoch_loss} in epoch {epoch + 1}; stopping without "
-                         f"writing results (try --precision fp32 or a lower --lr)")
+                raise data.UserError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; stopping "
+                                     f"without writing results (try --precision fp32 or a lower --lr)")
             print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  loss {epoch_loss:.4f}  "
                   f"train acc {epoch_acc:6.2f}  {time.time() - t0:7.1f}s", flush=True)
         train_time = time.time() - t0
@@ -380,4 +382,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with evaluation.user_errors():
+        main()

@@ -80,30 +80,30 @@ METHOD = "promptsrc"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
     p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
                    help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
                         "test on its variants and the other datasets")
-    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot draw and the training")
-    p.add_argument("--shots", type=int, default=16, help="training images per class")
+    p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot draw and the training")
+    p.add_argument("--shots", type=evaluation.at_least(1), default=16, help="training images per class")
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
     p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedN/")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs (the first is the warm-up epoch)")
-    p.add_argument("--batch-size", type=int, default=4, help="training batch size")
+    p.add_argument("--epochs", type=evaluation.at_least(1), default=50, help="training epochs (the first is the warm-up epoch)")
+    p.add_argument("--batch-size", type=evaluation.at_least(1), default=4, help="training batch size")
     p.add_argument("--lr", type=float, default=0.0025, help="peak learning rate of the cosine schedule")
     p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant learning rate of the first epoch")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
-    p.add_argument("--n-ctx", type=int, default=4, help="number of text context vectors (ignored with --ctx-init)")
+    p.add_argument("--n-ctx", type=evaluation.at_least(1), default=4, help="number of text context vectors (ignored with --ctx-init)")
     p.add_argument("--ctx-init", default="a photo of a", help='initialise the text context from this phrase '
                                                               '("" = random N(0, 0.02) with --n-ctx vectors)')
-    p.add_argument("--n-ctx-vision", type=int, default=4, help="number of vision prompt tokens at every depth")
-    p.add_argument("--prompt-depth-text", type=int, default=9,
+    p.add_argument("--n-ctx-vision", type=evaluation.at_least(1), default=4, help="number of vision prompt tokens at every depth")
+    p.add_argument("--prompt-depth-text", type=evaluation.at_least(1), default=9,
                    help="text layers that get prompts: 1 = the input only, 9 = the input and layers 1..8 "
                         "(clipped to the model's layers)")
-    p.add_argument("--prompt-depth-vision", type=int, default=9,
+    p.add_argument("--prompt-depth-vision", type=evaluation.at_least(1), default=9,
                    help="vision layers that get prompts: 1 = the input only, 9 = the input and layers 1..8 "
                         "(clipped to the model's layers)")
     p.add_argument("--text-loss-weight", type=float, default=25.0,
@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=evaluation.at_least(0), default=None,
                    help="processes decoding evaluation images, threads decoding training images "
                         "(unset: min(8, CPUs) on CUDA, 0 elsewhere)")
     p.add_argument("--image-cache-gb", type=float, default=2.0,
@@ -135,25 +135,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow --load to unpickle arbitrary objects (only for files you trust)")
     losses.add_calibration_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_only and not args.load:
+        p.error("--eval-only needs --load, the prompt checkpoint to evaluate")
+    return args
 
 
 def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
     """Gaussian prompt aggregation weights of epochs 1..E: the normal density N(e; mean, std), normalised to sum 1."""
     if epochs < 1 or std <= 0:
-        raise SystemExit(f"error: Gaussian prompt aggregation needs --epochs >= 1 and --gpa-std > 0 "
-                         f"(got {epochs}, {std})")
+        raise data.UserError(f"Gaussian prompt aggregation needs --epochs >= 1 and --gpa-std > 0 "
+                             f"(got {epochs}, {std})")
     e = np.arange(1, epochs + 1, dtype=np.float64)
     density = np.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
     if not density.sum() > 0:  # every epoch is too many standard deviations away from the mean
-        raise SystemExit(f"error: --gpa-mean {mean} --gpa-std {std} give every epoch 1..{epochs} zero weight")
+        raise data.UserError(f"--gpa-mean {mean} --gpa-std {std} give every epoch 1..{epochs} zero weight")
     return (density / density.sum()).tolist()
 
 
 def clipped_depth(depth: int, layers: int, tower: str) -> int:
     """A prompt depth within 1..layers: deeper than the tower is clipped with a warning, below 1 is an error."""
     if depth < 1:
-        raise SystemExit(f"error: --prompt-depth-{tower} must be at least 1 (the input prompts), got {depth}")
+        raise data.UserError(f"--prompt-depth-{tower} must be at least 1 (the input prompts), got {depth}")
     if depth > layers:
         warnings.warn(f"--prompt-depth-{tower} {depth} exceeds the {layers} layers of the {tower} encoder; "
                       f"using {layers}", stacklevel=2)
@@ -198,11 +201,11 @@ class VLPromptLearner(nn.Module):
     def __init__(self, args, classnames: list[str], clip_model):
         super().__init__()
         if not isinstance(clip_model.visual, VisionTransformer):
-            raise SystemExit(f"error: PromptSRC prompts the tokens of a ViT image encoder; --backbone {args.backbone} "
-                             f"is a ResNet ({type(clip_model.visual).__name__}); use a ViT such as ViT-B/16")
+            raise data.UserError(f"PromptSRC prompts the tokens of a ViT image encoder; --backbone {args.backbone} "
+                                 f"is a ResNet ({type(clip_model.visual).__name__}); use a ViT such as ViT-B/16")
         if args.n_ctx_vision < 1 or (not args.ctx_init and args.n_ctx < 1):
-            raise SystemExit(f"error: --n-ctx-vision ({args.n_ctx_vision}) and --n-ctx ({args.n_ctx}) "
-                             "must be at least 1")
+            raise data.UserError(f"--n-ctx-vision ({args.n_ctx_vision}) and --n-ctx ({args.n_ctx}) "
+                                 "must be at least 1")
         device = clip_model.positional_embedding.device
         ctx_dim = clip_model.ln_final.weight.shape[0]
         vis_dim = clip_model.visual.conv1.weight.shape[0]
@@ -332,8 +335,7 @@ def main(argv=None) -> None:
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
     train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
-    clip_model, _ = clip.load(args.backbone, device=device)
-    clip_model = clip_model.to(amp_dtype or torch.float32)
+    clip_model = evaluation.load_backbone(args.backbone, device, amp_dtype)
     n_px = clip_model.visual.input_resolution
     print(f"{METHOD} on {args.dataset} ({args.protocol}): {len(train.classnames)} training classes, "
           f"{len(train.train)} training images, device {device}, precision {amp_dtype or torch.float32}")
@@ -405,8 +407,8 @@ def main(argv=None) -> None:
                 seen += len(labels)
             epoch_loss, epoch_acc = (loss_sum / seen).item(), (100 * correct / seen).item()  # one sync per epoch
             if not math.isfinite(epoch_loss):
-                sys.exit(f"error: the training loss became {epoch_loss} in epoch {epoch + 1}; stopping without "
-                         f"writing results (try --precision fp32 or a lower --lr)")
+                raise data.UserError(f"the training loss became {epoch_loss} in epoch {epoch + 1}; stopping "
+                                     f"without writing results (try --precision fp32 or a lower --lr)")
             print(f"epoch {epoch + 1:>3}/{args.epochs}  lr {lr:.2e}  loss {epoch_loss:.4f}  "
                   f"train acc {epoch_acc:6.2f}  {time.time() - t0:7.1f}s", flush=True)
             with torch.no_grad():
@@ -445,4 +447,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with evaluation.user_errors():
+        main()

@@ -30,13 +30,13 @@ METHOD = "zeroshot"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
     p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
                    help="base2new: test base and novel classes; xd: ImageNet, its variants and the other datasets")
-    p.add_argument("--seed", type=int, default=1, help="seeds the few-shot validation draw used by temperature scaling")
-    p.add_argument("--shots", type=int, default=16, help="shots of the few-shot draw (its validation split fits TS)")
+    p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot validation draw used by temperature scaling")
+    p.add_argument("--shots", type=evaluation.at_least(1), default=16, help="shots of the few-shot draw (its validation split fits TS)")
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP model name or checkpoint path")
     p.add_argument("--output", default="output", help="results go to OUTPUT/PROTOCOL/zeroshot/none/DATASET/seedN/")
     p.add_argument("--template", default="coop", choices=["coop", "kgcoop", "prograd"],
@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the encoders; auto = fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=evaluation.at_least(0), default=None,
                    help="processes decoding evaluation images (unset: min(8, CPUs) on CUDA, 0 elsewhere)")
-    p.add_argument("--epochs", type=int, default=0, help="ignored (nothing is trained); accepted so run.sh can pass it")
+    p.add_argument("--epochs", type=evaluation.at_least(0), default=0, help="ignored (nothing is trained); accepted so run.sh can pass it")
     p.add_argument("--calib", default="none", choices=["none"], help="zero-shot CLIP has no training-time calibration")
     return p.parse_args(argv)
 
@@ -61,8 +61,7 @@ def main(argv=None) -> None:
     run_dir = evaluation.run_dir(args, METHOD)
 
     train, targets = data.protocol_splits(args.protocol, args.dataset, args.root, args.shots, args.seed)
-    clip_model, _ = clip.load(args.backbone, device=device)
-    clip_model = clip_model.to(amp_dtype or torch.float32)
+    clip_model = evaluation.load_backbone(args.backbone, device, amp_dtype)
     logit_scale = clip_model.logit_scale.exp().float()
 
     def encode_fn(images: torch.Tensor) -> torch.Tensor:
@@ -85,4 +84,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with evaluation.user_errors():
+        main()

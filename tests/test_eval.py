@@ -328,7 +328,8 @@ def test_summarize_cli(tmp_path, capsys):
     ev.main(["summarize", str(tmp_path), "--split", "novel"])
     out = capsys.readouterr().out
     assert "novel acc" in out and "base acc" not in out and (tmp_path / "summary.csv").exists()
-    with pytest.raises(ValueError, match="no metric 'bogus'"):
+    with pytest.raises(ev.UserError, match="no metric 'bogus'"):
         ev.summarize(tmp_path, metrics=["bogus"], write=False)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ev.UserError, match="is not a directory") as e:
         ev.main(["summarize", str(tmp_path / "nope")])
+    assert e.value.status == 2

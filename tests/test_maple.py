@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import data
 from clip.model import CLIP, tiny_clip
 from conftest import run_script
 from test_coop import COMMON, check_results, load_method
@@ -150,9 +151,9 @@ def test_depth_is_clipped_with_a_warning_and_resnet_is_refused():
         _model(depth=2, layers=2)
     maple = load_method("maple")
     resnet = CLIP(64, 32, (1, 1, 1, 1), 64, None, 32, 49408, 64, 1, 2)
-    with pytest.raises(SystemExit, match="ViT backbone"):
+    with pytest.raises(data.UserError, match="ViT backbone"):
         maple.CustomCLIP(maple.parse_args([]), NAMES, resnet)
-    with pytest.raises(SystemExit, match="fewer than --n-ctx"):
+    with pytest.raises(data.UserError, match="fewer than --n-ctx"):
         args = maple.parse_args(["--ctx-init", "a", "--prompt-depth", "2"])  # one token for two context vectors
         maple.CustomCLIP(args, NAMES, tiny_clip(context_length=32))
 

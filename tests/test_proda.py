@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import data
 from conftest import run_script
 from test_coop import COMMON, check_results, load_method
 
@@ -162,5 +163,5 @@ def test_prompt_schedule_and_orthogonality_term(tiny_clip):
 
 
 def test_bad_prompt_counts_fail_early(tiny_clip):
-    with pytest.raises(SystemExit, match="multiple of --prompt-bs"):
+    with pytest.raises(data.UserError, match="multiple of --prompt-bs"):
         proda.PromptLearner(proda.parse_args(["--n-prompt", "30"]), NAMES, tiny_clip)

@@ -91,7 +91,7 @@ def test_template_initialisation(prograd, tiny_world):
     assert learner().shape == (2, 22, 64)
     expected = clip_model.token_embedding(clip.tokenize("abyssinian.", context_length=32)[0, 1:6]).detach()
     torch.testing.assert_close(learner()[0, 17:], expected, rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="shorter than the 9 tokens"):
+    with pytest.raises(data.UserError, match="shorter than the 9 tokens"):
         prograd.PromptLearner(prograd.parse_args(["--dataset", "oxford_pets", "--n-ctx", "8"]), names, clip_model)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import clip
+import data
 import eval as evaluation
 from conftest import run_script
 from test_coop import COMMON, check_results, load_method
@@ -70,7 +71,7 @@ def test_gpa_weights_sum_to_one_and_follow_the_gaussian():
     # By hand for 3 epochs, mean 2, std 1: densities e^-1/2, 1, e^-1/2 (the common factor cancels).
     a = math.exp(-0.5)
     assert psrc.gpa_weights(3, 2, 1) == pytest.approx([a / (1 + 2 * a), 1 / (1 + 2 * a), a / (1 + 2 * a)], abs=1e-15)
-    with pytest.raises(SystemExit, match="gpa-std"):
+    with pytest.raises(data.UserError, match="gpa-std"):
         psrc.gpa_weights(5, 3, 0)
 
 
@@ -165,10 +166,10 @@ def test_official_checkpoint_layout_loads(tmp_path):
 
 def test_resnet_backbone_refused_and_depth_clipped_with_a_warning():
     resnet = clip.model.CLIP(64, 32, (1, 1, 1, 1), 64, None, 32, 49408, 64, 1, 1)
-    with pytest.raises(SystemExit, match="ViT"):
+    with pytest.raises(data.UserError, match="ViT"):
         psrc.CustomCLIP(psrc.parse_args([]), NAMES, resnet)
     with pytest.warns(UserWarning, match="--prompt-depth-vision 9 exceeds the 2 layers"):
         model, _ = build()
     assert len(model.prompt_learner.image_VPT_shallow) == 1
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(data.UserError, match="--prompt-depth-vision: must be a whole number >= 1"):
         build("--prompt-depth-vision", "0")
