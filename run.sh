@@ -33,15 +33,19 @@ Environment only:
   PYTHON       the interpreter (default python)
   DEMO_EPOCHS  epochs in the demo world when EPOCHS is empty (default 20)
 
-A dataset is present when its folder is in DATA: imagenet caltech-101 oxford_pets stanford_cars
-oxford_flowers food-101 fgvc_aircraft sun397 dtd eurosat ucf101 (README section "Datasets").
-Missing ones are listed at the start and the end and skipped; the exit status is then 1.
-When none is present, run.sh falls back to the demo world (`python demo.py prepare`: synthetic datasets
-and the shipped tiny CLIP, seconds on a laptop CPU): datasets demo_shapes demo_colours demo_patterns, output
-under OUTPUT/demo. Its numbers are not the paper's.
+Unknown dataset keys or calibrations are refused before anything runs. A dataset is present when its
+folder (data.py's table, README section "Datasets") is in DATA; missing ones are listed at the start and
+the end and skipped, and the exit status is then 1. When DATASETS was not given and none of the default
+datasets is present, run.sh falls back to the demo world (`python demo.py prepare`: synthetic datasets and
+the shipped tiny CLIP, seconds on a laptop CPU): datasets demo_shapes demo_colours demo_patterns, output
+under OUTPUT/demo. Its numbers are not the paper's. DATASETS of demo keys runs just those in the demo world;
+DATASETS of real keys of which none is present is an error.
 
-Exit status: 0 every run complete; 1 a run failed, a requested dataset was missing, or the summary
-failed; 2 usage error.
+Each run folder is locked while its run trains (RUN_DIR/.lock), so two run.sh (or --dry-run lines) on one
+OUTPUT train every run once: a run locked by another process is skipped and reported.
+
+Exit status: 0 every run complete or being run by another process; 1 a run failed, a requested dataset
+was missing, or the summary failed; 2 usage error.
 
 Examples:
   bash run.sh coop                                           # none + ours, 11 datasets x 3 seeds
@@ -63,18 +67,16 @@ warn() { echo "run.sh: warning: $*" >&2; }
 say() { if ((dry_run)); then echo "$*" >&2; else echo "$*"; fi; }
 abspath() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/${1#./}"; fi; }
 
-# Dataset key -> its folder under DATA (README section "Datasets"); demo and other keys: the key itself.
-folder_of() {
-  case "$1" in
-    caltech101) echo caltech-101 ;;          food101) echo food-101 ;;
-    imagenet_sketch) echo imagenet-sketch ;; imagenet_a) echo imagenet-adversarial ;;
-    imagenet_r) echo imagenet-rendition ;;
-    *) echo "$1" ;;
-  esac
-}
-
 # A run is finished only when its results.json (written last, atomically) says so.
 is_complete() { [[ -f $1 ]] && grep -Eq '"complete"[[:space:]]*:[[:space:]]*true' "$1"; }
+
+# The run folder's lock: an flock(2) on RUN_DIR/.lock through file descriptor 9, taken without waiting. The
+# method script inherits the descriptor (RUN_LOCK_FD=9 tells it so), and the kernel drops the lock only when
+# the last process holding it ends, so a second run.sh (or a rerun after kill -9 of this one) skips a run
+# that is still training. lock_line is the same step as one line of shell, for --dry-run.
+lock_py='import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)'
+lock_run() { exec 9>>"$1/.lock" && "$PYTHON" -c "$lock_py" 2>/dev/null; }
+unlock_run() { exec 9>&-; }
 
 # ---- command line: options override the environment ----
 method="" dry_run=0 demo_ok=1 extra=()
@@ -108,18 +110,14 @@ set -f  # from here on, word lists like $SEEDS are split into words but never gl
 
 PYTHON=${PYTHON:-python}
 PROTOCOL=${PROTOCOL:-base2new}
-base2new_datasets="imagenet caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd eurosat ucf101"
-case "$PROTOCOL" in
-  base2new) DATASETS=${DATASETS:-$base2new_datasets} ;;
-  xd) DATASETS=${DATASETS:-imagenet} ;;  # the source; the method script evaluates the targets itself
-  *) die "--protocol must be base2new or xd, got '$PROTOCOL'" ;;
-esac
+requested=$(echo ${DATASETS:-})  # trimmed; empty: the protocol's default datasets, the demo world as fallback
 DATA=${DATA:-./data} SEEDS=${SEEDS:-1 2 3} SHOTS=${SHOTS:-16} BACKBONE=${BACKBONE:-ViT-B/16}
 OUTPUT=${OUTPUT:-./output} EPOCHS=${EPOCHS:-} CALIBS=${CALIBS:-none ours} DEMO_EPOCHS=${DEMO_EPOCHS:-20}
-for n in $SEEDS $SHOTS $EPOCHS $DEMO_EPOCHS; do
-  [[ $n =~ ^[0-9]+$ ]] || die "seeds, shots and epochs must be whole numbers, got '$n'"
+for n in $SEEDS; do [[ $n =~ ^[0-9]+$ ]] || die "seeds must be whole numbers >= 0, got '$n'"; done
+for n in $SHOTS $EPOCHS $DEMO_EPOCHS; do
+  [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "shots and epochs must be whole numbers >= 1, got '$n'"
 done
-[[ -n ${DATASETS// /} && -n ${CALIBS// /} && -n ${SEEDS// /} ]] || die "DATASETS, SEEDS and CALIBS must not be empty"
+[[ -n ${CALIBS// /} && -n ${SEEDS// /} ]] || die "SEEDS and CALIBS must not be empty"
 # zeroshot.py trains nothing, so calibrations do not apply: it always writes under calib "none".
 if [[ $method == zeroshot && $CALIBS != none ]]; then say "zeroshot: no training, running calib none only"; CALIBS=none; fi
 
@@ -130,25 +128,34 @@ if [[ -e $BACKBONE ]]; then BACKBONE=$(abspath "$BACKBONE"); fi
 if [[ $PYTHON == */* ]]; then PYTHON=$(abspath "$PYTHON"); fi
 cd "$here"
 
-# ---- which datasets are here; none at all -> the demo world ----
-present=() missing=""
-for d in $DATASETS; do
-  if [[ -d $DATA/$(folder_of "$d") ]]; then present+=("$d"); else missing="$missing $d"; fi
-done
+# ---- datasets, calibrations and protocol checked before anything runs (eval.py plan: data.py's table
+# gives each dataset's folder under DATA); then which datasets are here ----
+table=$("$PYTHON" eval.py plan --datasets "$requested" --calibs "$CALIBS" --protocol "$PROTOCOL") || exit 2
+present=() missing="" looked="" all_demo=1
+while read -r d folder; do
+  if [[ -d $DATA/$folder ]]; then present+=("$d"); else missing="$missing $d" looked="$looked $folder/"; fi
+  [[ $d == demo_* ]] || all_demo=0
+done <<<"$table"
 demo=0
-if ((${#present[@]} == 0)); then
-  say "No requested dataset found under $DATA (looked for the folders:$(for d in $DATASETS; do printf ' %s/' "$(folder_of "$d")"; done))."
+if [[ -n $requested ]] && ((all_demo)); then
+  present=($requested) missing=""  # demo datasets asked for by name: the demo world, narrowed to them
+elif ((${#present[@]} == 0)); then
+  [[ -z $requested ]] ||
+    { echo "run.sh: error: none of the requested datasets is under $DATA (looked for:$looked); prepare them as in README.md section \"Datasets\" or pass --data DIR" >&2; exit 1; }
+  say "No dataset found under $DATA (looked for:$looked)."
   say "To use the real datasets, prepare them as in README.md section \"Datasets\" and pass --data DIR."
-  if ((!demo_ok)); then echo "run.sh: error: no dataset and --no-demo" >&2; exit 1; fi
-  [[ $PROTOCOL == base2new ]] || { echo "run.sh: error: the demo world has only --protocol base2new" >&2; exit 1; }
+  if ((!demo_ok)); then echo "run.sh: error: no dataset under $DATA and --no-demo; prepare the datasets or pass --data DIR" >&2; exit 1; fi
+  present=(demo_shapes demo_colours demo_patterns) missing=""
+fi
+if [[ ${present[0]:-} == demo_* ]]; then
+  [[ $PROTOCOL == base2new ]] || { echo "run.sh: error: the demo world has only --protocol base2new; drop --protocol $PROTOCOL" >&2; exit 1; }
   say "Falling back to the DEMO WORLD (synthetic data, tiny CLIP): $PYTHON demo.py prepare ..."
   unset DEMO_ROOT DEMO_BACKBONE
   prep=$("$PYTHON" demo.py prepare) || { echo "run.sh: error: $PYTHON demo.py prepare failed" >&2; exit 1; }
   eval "$prep"  # sets DEMO_ROOT and DEMO_BACKBONE (see `python demo.py --help`)
   [[ -d ${DEMO_ROOT:-} && -e ${DEMO_BACKBONE:-} ]] ||
     { echo "run.sh: error: demo.py prepare gave no usable DEMO_ROOT/DEMO_BACKBONE:" >&2; echo "$prep" >&2; exit 1; }
-  demo=1 missing="" DATA=$DEMO_ROOT BACKBONE=$DEMO_BACKBONE OUTPUT=$OUTPUT/demo EPOCHS=${EPOCHS:-$DEMO_EPOCHS}
-  present=(demo_shapes demo_colours demo_patterns)
+  demo=1 DATA=$DEMO_ROOT BACKBONE=$DEMO_BACKBONE OUTPUT=$OUTPUT/demo EPOCHS=${EPOCHS:-$DEMO_EPOCHS}
 fi
 [[ -z $missing ]] || warn "requested datasets missing under $DATA (skipped; exit status will be 1):$missing"
 
@@ -159,7 +166,7 @@ total=${#runs[@]}
 say "run.sh: $method, protocol $PROTOCOL, $total runs (datasets: ${present[*]}; seeds: $SEEDS; calibs: $CALIBS)"
 say "        data $DATA, backbone $BACKBONE, epochs ${EPOCHS:-recipe}, output $OUTPUT"
 
-i=0 n_done=0 n_skipped=0 failed=()
+i=0 n_done=0 n_skipped=0 n_busy=0 failed=()
 for r in "${runs[@]}"; do
   read -r d c s <<<"$r"
   i=$((i + 1))
@@ -175,14 +182,29 @@ for r in "${runs[@]}"; do
     n_skipped=$((n_skipped + 1))
     say "$label ... skipped (done)"
   elif ((dry_run)); then
-    echo "cd $(printf %q "$here") && mkdir -p $(printf %q "$run_dir") && $(printf '%q ' "${cmd[@]}")> $(printf %q "$log") 2>&1"
+    # One self-contained line: lock the folder (or skip, exit 75), skip if finished meanwhile, run.
+    q_dir=$(printf %q "$run_dir") q_res=$(printf %q "$res")
+    echo "cd $(printf %q "$here") && mkdir -p $q_dir && exec 9>>$q_dir/.lock && { $(printf %q "$PYTHON") -c $(printf %q "$lock_py") 2>/dev/null || { echo \"skipped: $q_dir is locked by another process\" >&2; exit 75; }; } && { ! grep -Eq '\"complete\"[[:space:]]*:[[:space:]]*true' $q_res 2>/dev/null || exit 0; } && RUN_LOCK_FD=9 $(printf '%q ' "${cmd[@]}")> $(printf %q "$log") 2>&1"
   else
-    note=""; if [[ -e $run_dir ]]; then note=" (redoing incomplete run)"; fi
-    rm -f "$res"  # an incomplete result must not outlive a failed retry
+    note=""; if [[ -e $log || -e $res ]]; then note=" (redoing incomplete run)"; fi
     mkdir -p "$run_dir"
+    if ! lock_run "$run_dir"; then
+      unlock_run
+      n_busy=$((n_busy + 1))
+      say "$label ... skipped (another process is running it)"
+      continue
+    fi
+    if is_complete "$res"; then  # finished by another process since the check above
+      unlock_run
+      n_skipped=$((n_skipped + 1))
+      say "$label ... skipped (done)"
+      continue
+    fi
+    rm -f "$res"  # under the lock: an incomplete result must not outlive a failed retry
     printf '%s%s ... ' "$label" "$note"
     start=$SECONDS rc=0
-    "${cmd[@]}" >"$log" 2>&1 || rc=$?
+    RUN_LOCK_FD=9 "${cmd[@]}" >"$log" 2>&1 || rc=$?
+    unlock_run
     if ((rc == 0)) && is_complete "$res"; then
       n_done=$((n_done + 1))
       echo "done ($((SECONDS - start)) s)"
@@ -210,7 +232,8 @@ sum_rc=0
 "$PYTHON" eval.py summarize "$OUTPUT" || sum_rc=$?
 if ((demo)); then echo "==== $banner ===="; fi
 echo
-echo "run.sh: $total runs: $n_done done, $n_skipped skipped (already complete), ${#failed[@]} failed"
+echo "run.sh: $total runs: $n_done done, $n_skipped skipped (already complete), $n_busy skipped (being run by another process), ${#failed[@]} failed"
+if ((n_busy)); then echo "Runs being trained by another process are not in the tables yet: rerun this command when they finish."; fi
 if ((${#failed[@]})); then
   status=1
   echo "Failed runs (log files):"

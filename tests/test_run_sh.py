@@ -37,8 +37,25 @@ run_dir = os.path.join(args.output, args.protocol, "fake", args.calib, args.data
 with open(os.path.join(run_dir, "results.json"), "w") as f:
     json.dump({"method": "fake", "complete": True}, f, indent=2)
 '''
+# `plan` stands in for eval.py's (tested in test_eval.py) with a few keys of data.py's table, without torch.
 STUB_EVAL = r'''
 import os, sys
+if sys.argv[1] == "plan":
+    opts = dict(zip(sys.argv[2::2], sys.argv[3::2]))
+    folders = {"imagenet": "imagenet", "caltech101": "caltech-101", "dtd": "dtd", "eurosat": "eurosat",
+               "ucf101": "ucf101", "demo_shapes": "demo_shapes", "demo_colours": "demo_colours",
+               "demo_patterns": "demo_patterns"}
+    if opts["--protocol"] not in ("base2new", "xd"):
+        sys.exit("error: --protocol must be one of base2new, xd")
+    bad = [c for c in opts["--calibs"].split() if c not in ("none", "ours", "mdca", "mbls")]
+    bad += [d for d in opts["--datasets"].split() if d not in folders]
+    if bad:
+        print("error: unknown", *bad, file=sys.stderr)
+        sys.exit(2)
+    keys = opts["--datasets"].split() or (["imagenet", "caltech101", "dtd", "eurosat", "ucf101"]
+                                         if opts["--protocol"] == "base2new" else ["imagenet"])
+    print("\n".join(f"{k} {folders[k]}" for k in keys))
+    sys.exit(0)
 assert sys.argv[1] == "summarize"
 print("SUMMARY", sys.argv[2])
 sys.exit(int(os.environ.get("FAKE_SUMMARY_RC", "0")))
@@ -117,7 +134,8 @@ def test_loops_datasets_seeds_calibs_with_the_right_arguments(proj):
     for d, c, s in (("caltech101", "none", 1), ("dtd", "ours", 2)):
         log = run_dir(home, d, c, s) / "log.txt"
         assert log.read_text() == f"fake training {d} {c} {s}\n"  # the run's output went to its log
-    assert p.stdout.rstrip().splitlines()[-1] == "run.sh: 8 runs: 8 done, 0 skipped (already complete), 0 failed"
+    assert p.stdout.rstrip().splitlines()[-1] == ("run.sh: 8 runs: 8 done, 0 skipped (already complete), "
+                                                  "0 skipped (being run by another process), 0 failed")
     assert f"SUMMARY {home / 'out'}\n" in p.stdout
 
 
@@ -171,7 +189,7 @@ def test_resume_redoes_incomplete_runs_only(proj):
     assert "[2/4] fake ours dtd seed1 (redoing incomplete run) ... done (" in p.stdout
     assert (done / "log.txt").read_text() == "old log\n"  # untouched
     assert json.loads((partial / "results.json").read_text())["complete"] is True
-    assert "4 runs: 3 done, 1 skipped (already complete), 0 failed" in p.stdout
+    assert "4 runs: 3 done, 1 skipped (already complete), 0 skipped (being run by another process), 0 failed" in p.stdout
     # Everything finished now: a second call runs nothing and still prints the summary.
     p, calls = run(proj, "fake", "--datasets", "dtd", "--seeds", "1 2")
     assert p.returncode == 0 and calls == [] and p.stdout.count("skipped (done)") == 4
@@ -193,8 +211,13 @@ def test_dry_run_prints_self_contained_commands_and_runs_nothing(proj):
     for d, c in (("caltech101", "ours"), ("dtd", "none"), ("dtd", "ours")):  # caltech101/none is done
         rd = run_dir(home, d, c, 1)
         cmd = [sys.executable, "methods/fake.py", *expected_argv(home, d, c, 1, extra=["--note", "two words"])]
-        expected.append(f"cd {shlex.quote(str(proj))} && mkdir -p {shlex.quote(str(rd))} && "
-                        f"{shlex.join(cmd)} > {shlex.quote(str(rd / 'log.txt'))} 2>&1")
+        q = shlex.quote
+        lock = "import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+        expected.append(f"cd {q(str(proj))} && mkdir -p {q(str(rd))} && exec 9>>{q(str(rd))}/.lock && "
+                        f"{{ {q(sys.executable)} -c {q(lock)} 2>/dev/null || {{ echo \"skipped: {q(str(rd))} is "
+                        f"locked by another process\" >&2; exit 75; }}; }} && {{ ! grep -Eq "
+                        f"'\"complete\"[[:space:]]*:[[:space:]]*true' {q(str(rd / 'results.json'))} 2>/dev/null "
+                        f"|| exit 0; }} && RUN_LOCK_FD=9 {shlex.join(cmd)} > {q(str(rd / 'log.txt'))} 2>&1")
     # bash's printf %q and Python's shlex.quote quote differently; compare what the shell makes of them.
     assert [shlex.split(x) for x in lines] == [shlex.split(x) for x in expected]
     # Each line works on its own, from anywhere (as under GNU parallel or a SLURM array task).
@@ -219,7 +242,7 @@ def test_one_failure_is_reported_and_the_others_still_run(proj):
     assert f"[2/4] fake ours dtd seed1 (redoing incomplete run) ... FAILED (exit 3; see {log})" in p.stdout
     assert "Traceback: fake crash" in log.read_text()
     assert not stale.exists()  # no incomplete result left behind to be mistaken for one
-    assert "4 runs: 3 done, 0 skipped (already complete), 1 failed" in p.stdout
+    assert "4 runs: 3 done, 0 skipped (already complete), 0 skipped (being run by another process), 1 failed" in p.stdout
     assert p.stdout.rstrip().endswith(f"Failed runs (log files):\n  [2/4] fake ours dtd seed1: {log}")
     assert "SUMMARY" in p.stdout  # the tables of the runs that worked
     # The next call redoes only the failed run.
@@ -242,7 +265,7 @@ def test_demo_fallback_when_no_dataset_exists(proj):
     empty.mkdir()
     p, calls = run(proj, "fake", "--seeds", "1", "--calibs", "ours", DATA=str(empty))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert f"No requested dataset found under {empty}" in p.stdout and '"Datasets"' in p.stdout
+    assert f"No dataset found under {empty}" in p.stdout and '"Datasets"' in p.stdout
     demo_root, ckpt, out = home / "demo root", home / "tiny_clip.pt", home / "out" / "demo"
     assert [c["argv"] for c in calls] == [
         expected_argv(home, d, "ours", 1, data=demo_root, backbone=str(ckpt), output=out, epochs=20)
@@ -272,7 +295,7 @@ def test_help_and_usage_errors(proj):
     assert "methods/nosuch.py" in p.stderr and "available: fake other" in p.stderr
     for bad in (["fake", "--bogus"], ["fake", "--protocol", "dg"], ["fake", "--seeds", "one"], ["fake", "--shots"]):
         p, calls = run(proj, *bad)
-        assert p.returncode == 2 and calls == [] and "run.sh: error:" in p.stderr, bad
+        assert p.returncode == 2 and calls == [] and "error:" in p.stderr, bad
 
 
 def test_zeroshot_runs_calib_none_only(proj):
@@ -280,4 +303,46 @@ def test_zeroshot_runs_calib_none_only(proj):
     (proj / "methods" / "zeroshot.py").write_text(FAKE_METHOD.replace('"fake"', '"zeroshot"'))
     p, calls = run(proj, "zeroshot", "--datasets", "dtd", "--seeds", "1")
     assert p.returncode == 0, p.stdout + p.stderr
+    assert [c["argv"] for c in calls] == [expected_argv(home, "dtd", "none", 1)]
+
+
+def test_requested_datasets_and_calibrations_are_checked_before_any_run(proj):
+    home = proj.parent
+    empty = home / "empty_data"
+    empty.mkdir()
+    # A typo is an error, never a fallback to the demo world; so is an unknown calibration. Nothing is created.
+    for bad in (["--datasets", "demo_shapez"], ["--datasets", "dtd", "--calibs", "none nosuchcalib"]):
+        p, calls = run(proj, "fake", *bad)
+        assert p.returncode == 2 and calls == [] and "error: unknown" in p.stderr, (bad, p.stderr)
+        assert not (home / "out").exists()
+    # Real datasets asked for by name, none of them present: an error naming the folders, not the demo world.
+    p, calls = run(proj, "fake", "--datasets", "dtd caltech101", DATA=str(empty))
+    assert p.returncode == 1 and calls == [] and "DEMO" not in p.stdout
+    assert "none of the requested datasets" in p.stderr and "dtd/ caltech-101/" in p.stderr
+    # Demo datasets asked for by name: the demo world, narrowed to them.
+    p, calls = run(proj, "fake", "--datasets", "demo_colours", "--seeds", "1", "--calibs", "none")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [c["argv"][1] for c in calls] == ["demo_colours"] and "DEMO WORLD" in p.stdout
+
+
+def test_a_run_locked_by_another_process_is_skipped_not_redone(proj):
+    import fcntl
+    home = proj.parent
+    busy = run_dir(home, "dtd", "none", 1)
+    busy.mkdir(parents=True)
+    (busy / "log.txt").write_text("the other process's log\n")
+    with open(busy / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a method script started by another run.sh holds it
+        p, calls = run(proj, "fake", "--datasets", "dtd", "--seeds", "1")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert [c["argv"] for c in calls] == [expected_argv(home, "dtd", "ours", 1)]
+        assert "[1/2] fake none dtd seed1 ... skipped (another process is running it)" in p.stdout
+        assert "1 done, 0 skipped (already complete), 1 skipped (being run by another process)" in p.stdout
+        assert (busy / "log.txt").read_text() == "the other process's log\n"  # neither truncated nor removed
+        # A --dry-run line for it skips as well, with status 75.
+        p, _ = run(proj, "fake", "--datasets", "dtd", "--seeds", "1", "--calibs", "none", "--dry-run")
+        line = p.stdout.strip()
+        r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={**os.environ, "FAKE_CALLS": str(home / "c")})
+        assert r.returncode == 75 and "is locked by another process" in r.stderr and not (home / "c").exists()
+    p, calls = run(proj, "fake", "--datasets", "dtd", "--seeds", "1")  # released: now it runs
     assert [c["argv"] for c in calls] == [expected_argv(home, "dtd", "none", 1)]
