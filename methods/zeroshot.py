@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import sys
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
-    p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
+    p.add_argument("--protocol", default="base2new", choices=data.PROTOCOLS,
                    help="base2new: test base and novel classes; xd: ImageNet, its variants and the other datasets")
     p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot validation draw used by temperature scaling")
     p.add_argument("--shots", type=evaluation.at_least(1), default=16, help="shots of the few-shot draw (its validation split fits TS)")
@@ -67,10 +68,11 @@ def main(argv=None) -> None:
     def encode_fn(images: torch.Tensor) -> torch.Tensor:
         return F.normalize(clip_model.encode_image(images).float(), dim=-1)  # (B, E)
 
-    def tuned_text_fn(classnames: list[str], key: str) -> torch.Tensor:
+    @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
+    def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         return evaluation.text_features(clip_model, data.prompts(key, classnames, args.template))  # (C, E)
 
-    def logits_fn(features: torch.Tensor, classnames: list[str], key: str) -> torch.Tensor:
+    def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         return logit_scale * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 
     t0 = time.time()

@@ -8,6 +8,7 @@
 - The benchmark's instrumentation still works on the current scripts (a short in-process worker run).
 """
 import os
+import sys
 import traceback
 
 import pytest
@@ -72,6 +73,14 @@ def test_evaluation_encodes_each_image_once(method, tiny_world, tmp_path, monkey
             return set_classnames(self, *args, **kwargs)
 
         monkeypatch.setattr(learner, "set_classnames", counting_set_classnames)
+    if method == "zeroshot":  # no prompt learner: count the class lists its own code sends to the text encoder
+        text_features = evaluation.text_features
+
+        def counting_text_features(*args, **kwargs):
+            count["class_lists"] += sys._getframe(1).f_code.co_filename.endswith("zeroshot.py")
+            return text_features(*args, **kwargs)
+
+        monkeypatch.setattr(evaluation, "text_features", counting_text_features)
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", counting_forward)
     monkeypatch.setattr(evaluation, "save_prompt", save_and_reset)
@@ -86,7 +95,7 @@ def test_evaluation_encodes_each_image_once(method, tiny_world, tmp_path, monkey
     train, targets = data.protocol_splits("base2new", "eurosat", root, 4, 1, cache_dir=cache)
     expected = len(train.val) + sum(len(split.test) for split in targets.values())
     assert expected == 10 + 15 + 15  # 2 val and 3 test images per class, 5 base and 5 novel classes
-    lists = {"zeroshot": 0, "cocoop": 5}.get(method, 2)  # CoCoOp: val, base and novel logits + base, novel for DAC
+    lists = {"cocoop": 5}.get(method, 2)  # CoCoOp: val, base and novel logits + base, novel for DAC
     assert encoded == [(expected, lists)]
 
 
