@@ -841,7 +841,7 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("plan", help="check run.sh's datasets, calibrations and protocol; print 'key folder' lines")
     c.add_argument("--datasets", default="", help="space-separated dataset keys (default: the protocol's)")
     c.add_argument("--calibs", default="none", help="space-separated calibrations")
-    c.add_argument("--protocol", default="base2new", help="base2new or xd")
+    c.add_argument("--protocol", default="base2new", help=f"one of {', '.join(data.PROTOCOLS)}")
     a = parser.parse_args(argv)
     if a.command == "plan":
         for key, folder in plan(a.datasets.split(), a.calibs.split(), a.protocol):

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="oxford_pets", help="dataset key (see data.DATASETS); the source for --protocol xd")
     p.add_argument("--root", default=os.environ.get("DATA", "data"), help="folder holding the datasets (README 'Datasets')")
-    p.add_argument("--protocol", default="base2new", choices=["base2new", "xd"],
+    p.add_argument("--protocol", default="base2new", choices=data.PROTOCOLS,
                    help="base2new: train on base classes, test base and novel; xd: train on all ImageNet classes, "
                         "test on its variants and the other datasets")
     p.add_argument("--seed", type=evaluation.at_least(0), default=1, help="seeds the few-shot draw and the training")
