@@ -57,9 +57,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from clip.clip import MEAN as CLIP_MEAN, STD as CLIP_STD  # CLIP's image normalisation
+
 HINT = "see README.md section 'Datasets'"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "calibrated-prompts", "splits")
 COLUMNS = ("coop", "kgcoop", "prograd")
 

@@ -75,8 +75,8 @@ N = RES * SS
 MODEL_SIZES = dict(embed_dim=128, image_resolution=RES, vision_layers=4, vision_width=64, vision_patch_size=4,
                    context_length=32, transformer_width=128, transformer_layers=3)
 STEPS, BATCH, LR, WARMUP = 1600, 64, 2e-3, 50
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP's image normalisation
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+MEAN = np.array(clip.MEAN, np.float32)  # CLIP's image normalisation
+STD = np.array(clip.STD, np.float32)
 
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 215, 40), "green": (40, 165, 70),
            "blue": (40, 90, 225), "purple": (135, 60, 190), "pink": (245, 135, 195), "brown": (125, 80, 45),
@@ -470,19 +470,11 @@ def pretrain(seed: int = 0, steps: int = STEPS, log=None) -> dict[str, torch.Ten
 
 
 def save_state(state: dict, path: Path | str) -> None:
-    """torch.save, atomically (readers see no file or the whole file), with the same bytes for the same state:
-    saved through a file object, torch names the archive inside the zip "archive", not after the file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, atomically (data.write_atomic), with the same bytes for the same state: saved through a file
+    object, torch names the archive inside the zip "archive", not after the file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data.write_atomic(path, buffer.getvalue())
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
