@@ -197,46 +197,68 @@ class MemoryMeter:
         return {"kind": kind, "base_mb": self.base, "peak_mb": self.peak, "growth_mb": self.peak - self.base}
 
 
-def worker_method(spec: dict) -> dict:
-    """Run one method's main(argv) in this process, timed from outside (module docstring)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+class MethodProbe:
+    """What the patches of one method run record (self.st) and the timing hooks they share: a training batch
+    arriving, the end of an optimizer step, the sync mode of the timed steps."""
 
-    import data
-    import eval as evaluation
+    def __init__(self, spec: dict):
+        self.device = torch.device(spec["device"])
+        self.cuda = self.device.type == "cuda"
+        self.memory_run = spec["mode"] == "memory"
+        self.limit = 1 if self.memory_run else spec["steps"] + 1  # training batches: one warm-up step + the timed ones
+        self.st = {"batches": 0, "data_s": [], "data_cpu_s": [], "post": [], "post_cpu": [], "encoded": 0,
+                   "train": True, "syncs": {}, "predict_s": 0.0}
+        self.meter = MemoryMeter(self.device)
+        self.sync_debug = self.cuda and spec.get("sync_debug", False)
 
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
-    memory_run = spec["mode"] == "memory"
-    limit = 1 if memory_run else spec["steps"] + 1  # training batches: one warm-up step + the timed ones
-    st = {"batches": 0, "data_s": [], "data_cpu_s": [], "post": [], "post_cpu": [], "encoded": 0, "train": True,
-          "syncs": {}}
-    meter = MemoryMeter(device)
-    sync_debug = cuda and spec.get("sync_debug", False)
-
-    def set_sync_mode(on: bool) -> None:
-        if sync_debug:
+    def set_sync_mode(self, on: bool) -> None:
+        if self.sync_debug:
             torch.cuda.set_sync_debug_mode("warn" if on else 0)
 
-    def synchronize() -> None:
-        if cuda:
-            set_sync_mode(False)  # our own timing sync is not the method's
+    def synchronize(self) -> None:
+        if self.cuda:
+            self.set_sync_mode(False)  # our own timing sync is not the method's
             torch.cuda.synchronize()
-            set_sync_mode(st["batches"] < limit)
+            self.set_sync_mode(self.st["batches"] < self.limit)
 
-    def batch_arrived() -> None:  # a training batch is in hand: a step starts
-        if st["batches"] == 1:
-            meter.start()
-        if st["batches"] == 2:  # the first timed step: watch for host-device syncs from here
-            set_sync_mode(True)
+    def batch_arrived(self) -> None:  # a training batch is in hand: a step starts
+        if self.st["batches"] == 1:
+            self.meter.start()
+        if self.st["batches"] == 2:  # the first timed step: watch for host-device syncs from here
+            self.set_sync_mode(True)
+
+    def after_step(self, optimizer, args, kwargs) -> None:  # the optimizer step post hook
+        st = self.st
+        self.synchronize()
+        st["post"].append(time.perf_counter())
+        st["post_cpu"].append(time.process_time())
+        if st["batches"] >= self.limit and "memory" not in st:
+            self.set_sync_mode(False)
+            st["memory"] = self.meter.stop()
+            if self.memory_run:
+                raise StopBench
+
+    def count_syncs(self, recorded: list) -> None:
+        """The synchronisation warnings of set_sync_debug_mode, counted by source line."""
+        for w in recorded:
+            where = f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}"
+            self.st["syncs"][where] = self.st["syncs"].get(where, 0) + 1
+
+
+def training_patches(probe: MethodProbe) -> list:
+    """(object, attribute, replacement) for the training batches (data.TrainImages or data.FeatureViews): each
+    fetch timed, the epoch cut after probe.limit batches."""
+    import data
+
+    st = probe.st
 
     def timed_iter(orig_iter):
-        """The training batches (data.TrainImages or data.FeatureViews), each fetch timed; cut after `limit`."""
         def __iter__(self):
             if not st["train"]:
                 yield from orig_iter(self)
                 return
             it = orig_iter(self)
-            while st["batches"] < limit:  # beyond the limit the epoch ends early; the script then evaluates
+            while st["batches"] < probe.limit:  # beyond the limit the epoch ends early; the script then evaluates
                 t, c = time.perf_counter(), time.process_time()
                 try:
                     out = next(it)
@@ -245,41 +267,31 @@ def worker_method(spec: dict) -> dict:
                 st["data_s"].append(time.perf_counter() - t)
                 st["data_cpu_s"].append(time.process_time() - c)
                 st["batches"] += 1
-                batch_arrived()
+                probe.batch_arrived()
                 yield out
         return __iter__
 
-    patches = [(cls, "__iter__", timed_iter(cls.__iter__)) for cls in (data.TrainImages, data.FeatureViews)]
-
-    def after_step(optimizer, args, kwargs) -> None:
-        synchronize()
-        st["post"].append(time.perf_counter())
-        st["post_cpu"].append(time.process_time())
-        if st["batches"] >= limit and "memory" not in st:
-            set_sync_mode(False)
-            st["memory"] = meter.stop()
-            if memory_run:
-                raise StopBench
+    return [(cls, "__iter__", timed_iter(cls.__iter__)) for cls in (data.TrainImages, data.FeatureViews)]
 
 
-    orig_conv = torch.nn.Conv2d.forward
+def evaluation_patches(probe: MethodProbe) -> list:
+    """(object, attribute, replacement) for the evaluation side: images encoded, from the end of training
+    (eval.save_prompt) to eval.write_results, and the time spent in eval.predict."""
+    import eval as evaluation
+
+    st = probe.st
+    orig_conv, orig_save = torch.nn.Conv2d.forward, evaluation.save_prompt
+    orig_protocol, orig_write, orig_predict = evaluation.evaluate_protocol, evaluation.write_results, evaluation.predict
 
     def counting_conv(self, x):
         if self.in_channels == 3:  # a ViT's patch embedding (or a ResNet's stem): one image per row
             st["encoded"] += x.shape[0]
         return orig_conv(self, x)
 
-    patches.append((torch.nn.Conv2d, "forward", counting_conv))
-
-    orig_save, orig_protocol = evaluation.save_prompt, evaluation.evaluate_protocol
-    orig_write = evaluation.write_results
-    orig_predict = evaluation.predict
-    st["predict_s"] = 0.0
-
     def predict(fn, loader, *a, **k):  # image loading + encoding of one split
         t = time.perf_counter()
         out = orig_predict(fn, loader, *a, **k)
-        synchronize()
+        probe.synchronize()
         st["predict_s"] += time.perf_counter() - t
         return out
 
@@ -299,33 +311,42 @@ def worker_method(spec: dict) -> dict:
         st["results"] = {"metrics": {k: v["raw"] for k, v in kw["metrics"].items()}, "timings": kw["timings"]}
         return orig_write(out_dir, **kw)
 
-    patches += [(evaluation, "save_prompt", save_prompt), (evaluation, "evaluate_protocol", evaluate_protocol),
-                (evaluation, "write_results", write_results), (evaluation, "predict", predict)]
+    return [(torch.nn.Conv2d, "forward", counting_conv), (evaluation, "save_prompt", save_prompt),
+            (evaluation, "evaluate_protocol", evaluate_protocol), (evaluation, "write_results", write_results),
+            (evaluation, "predict", predict)]
 
-    module = load_method(spec["method"])
+
+def run_patched(probe: MethodProbe, module, argv: list[str], patches: list) -> float:
+    """module.main(argv) with the patches applied and probe.after_step as optimizer step post hook; the wall
+    time. A memory run ends at StopBench; the host-device sync warnings go to probe.count_syncs."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, new in patches:
         setattr(obj, name, new)
-    hook = register_optimizer_step_post_hook(after_step)
+    hook = register_optimizer_step_post_hook(probe.after_step)
     try:  # the patches are undone afterwards, so the worker can also run inside another process (tests)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
             try:
-                module.main(spec["argv"])
+                module.main(argv)
             except StopBench:
                 pass
             wall = time.perf_counter() - t0
             recorded = [w for w in caught if "synchroniz" in str(w.message)]
     finally:
         hook.remove()
-        set_sync_mode(False)
+        probe.set_sync_mode(False)
         for obj, name, orig in originals:
             setattr(obj, name, orig)
-    for w in recorded:
-        where = f"{os.path.relpath(w.filename, ROOT)}:{w.lineno}"
-        st["syncs"][where] = st["syncs"].get(where, 0) + 1
+    probe.count_syncs(recorded)
+    return wall
 
+
+def step_result(spec: dict, probe: MethodProbe, wall: float) -> dict:
+    """The training side of a worker_method result: step and data times, memory, syncs (CUDA)."""
+    st = probe.st
     post, post_cpu = st["post"], st["post_cpu"]
     intervals = [b - a for a, b in zip(post, post[1:])]  # step k = from the end of step k-1 to the end of step k
     cpu_intervals = [b - a for a, b in zip(post_cpu, post_cpu[1:])]  # the same in process CPU time (all threads)
@@ -340,14 +361,30 @@ def worker_method(spec: dict) -> dict:
            "median_step_cpu_s": statistics.median(cpu_intervals) if cpu_intervals else None,
            "data_share_cpu": sum(data_cpu_s) / sum(cpu_intervals) if cpu_intervals and sum(cpu_intervals) else None,
            "memory": st.get("memory")}
-    if sync_debug:
+    if probe.sync_debug:
         out["syncs"] = st["syncs"]
-    if "eval_end" in st and "train_end" in st:
-        eval_s = st["eval_end"] - st["train_end"]
-        out.update(eval_s=eval_s, eval_images=st["eval_images"], eval_split_images=st["eval_split_images"],
-                   eval_images_per_s=st["eval_images"] / eval_s, eval_encoded=st["eval_encoded"],
-                   predict_s=st["predict_s"], encode_images_per_s=st["eval_encoded"] / st["predict_s"],
-                   encodes_per_image=st["eval_encoded"] / st["eval_images"], results=st["results"])
+    return out
+
+
+def eval_result(st: dict) -> dict:
+    """The evaluation side of a worker_method result; {} when the run did not get through evaluation."""
+    if "eval_end" not in st or "train_end" not in st:
+        return {}
+    eval_s = st["eval_end"] - st["train_end"]
+    return dict(eval_s=eval_s, eval_images=st["eval_images"], eval_split_images=st["eval_split_images"],
+                eval_images_per_s=st["eval_images"] / eval_s, eval_encoded=st["eval_encoded"],
+                predict_s=st["predict_s"], encode_images_per_s=st["eval_encoded"] / st["predict_s"],
+                encodes_per_image=st["eval_encoded"] / st["eval_images"], results=st["results"])
+
+
+def worker_method(spec: dict) -> dict:
+    """Run one method's main(argv) in this process, timed from outside (module docstring)."""
+    probe = MethodProbe(spec)
+    patches = training_patches(probe) + evaluation_patches(probe)
+    module = load_method(spec["method"])
+    wall = run_patched(probe, module, spec["argv"], patches)
+    out = step_result(spec, probe, wall)
+    out.update(eval_result(probe.st))
     return out
 
 
@@ -781,139 +818,201 @@ def _mb(x) -> str:
     return "-" if x is None else f"{x / 1024:.2f} GB" if x >= 1024 else f"{x:.0f} MB"
 
 
+def _time_cell(r: dict, key: str, cpu: bool, digits: int = 2) -> str:
+    """key ends in "_s"; on the CPU its CPU-time twin (ending in "_cpu_s") follows in brackets."""
+    wall, cpu_key = f"{r[key]:.{digits}f} s", key[:-2] + "_cpu_s"
+    return f"{wall} ({r[cpu_key]:.{digits}f} s)" if cpu and cpu_key in r else wall
+
+
+def _share_cell(r: dict, cpu: bool) -> str:
+    wall = f"{100 * r['data_share']:.1f}%"
+    return f"{wall} ({100 * r['data_share_cpu']:.1f}%)" if cpu and r.get("data_share_cpu") is not None else wall
+
+
+def _kind(cpu: bool) -> str:
+    return " wall (CPU time)" if cpu else ""
+
+
+def data_table(out: dict, cpu: bool) -> list[str]:
+    """The data section: images/s of data.TrainImages against the PIL loader, then the pixel differences."""
+    if not out.get("data", {}).get("rows"):
+        return []
+    lines = ["| training images, batch 32, 500x375 JPEGs to 224 | threads | PIL loader workers | PIL loader "
+             "images/s | TrainImages images/s | speed-up | decoding once, images/s |", "|---|---|---|---|---|---|---|"]
+    for name, r in out["data"]["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} (log {r.get('log')}) ||||||")
+            continue
+        where = r["device"] + ("" if r.get("on_device", True) else ", images in pinned host memory")
+        lines.append(f"| {where} | {r.get('torch_threads')} | {r['workers']} | {r['pil_images_per_s']:.0f} | "
+                     f"{r['new_images_per_s']:.0f} | {r['new_images_per_s'] / r['pil_images_per_s']:.1f}x | "
+                     f"{r['decode_images_per_s']:.0f} |")
+    lines.append("")
+    pixels = next((r["pixels"] for r in out["data"]["rows"].values() if "pixels" in r), None)
+    return lines + (pixel_table(pixels) if pixels else [])
+
+
+def pixel_table(pixels: dict) -> list[str]:
+    lines = ["| TrainImages against the PIL path, same crop boxes | resize | mean abs diff | max abs diff | "
+             "pixels that differ |", "|---|---|---|---|---|"]
+    for images, kernels in pixels.items():
+        for kernel, d in kernels.items():
+            lines.append(f"| {images} | {kernel} | {d['mean_abs']:.5f} | {d['max_abs']:.3f} | "
+                         f"{100 * d['grey_levels_differing']:.1f}% |")
+    return lines + ["Differences are of CLIP-normalised pixels (one grey level is about 0.015).", ""]
+
+
+def train_table(out: dict, cpu: bool) -> list[str]:
+    """The train section, one row per method, with the demo section's wall time of the method."""
+    if not out.get("train"):
+        return []
+    demo, kind = out.get("demo", {}).get("rows", {}), _kind(cpu)
+    lines = [f"| method | batch | train classes | step, median{kind} | data share{kind} | eval images/s "
+             f"(encoding only) | enc/img | peak step memory | demo run{kind} |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in out["train"].items():
+        if "error" in r:
+            lines.append(f"| {m} | failed: {r['error']} (log {r.get('log')}) |||||||")
+            continue
+        mem = (r.get("memory") or {}).get("growth_mb")
+        d = demo.get(m, {})
+        demo_cell = "-" if "wall_s" not in d else f"{d['wall_s']:.0f} s ({d['cpu_s']:.0f} s)" if cpu and "cpu_s" in d \
+            else f"{d['wall_s']:.0f} s"
+        lines.append(f"| {m} | {r['batch']} | {r['train_classes']} | {_time_cell(r, 'median_step_s', cpu)} | "
+                     f"{_share_cell(r, cpu)} | "
+                     f"{r.get('eval_images_per_s', 0):.1f} ({r.get('encode_images_per_s', 0):.1f}) | "
+                     f"{r.get('encodes_per_image', float('nan')):.2f} | {_mb(mem)} | {demo_cell} |")
+    return lines + [""]
+
+
+def train_syncs(out: dict, cpu: bool) -> list[str]:
+    """The host-device syncs the train section found (CUDA runs only)."""
+    syncs = {m: r.get("syncs") for m, r in (out.get("train") or {}).items() if r.get("syncs") is not None}
+    if not syncs:
+        return []
+    return (["Host-device syncs inside the timed training steps (set_sync_debug_mode):"]
+            + [f"- {m}: {s or 'none'}" for m, s in syncs.items()] + [""])
+
+
+def cache_table(out: dict, cpu: bool) -> list[str]:
+    if not out.get("cache"):
+        return []
+    kind = _kind(cpu)
+    lines = [f"| CoOp, batch 32 | step, median{kind} | data time per step{kind} | data share{kind} |",
+             "|---|---|---|---|"]
+    for name, label in (("no_cache", "--image-cache-gb 0 (images in host memory)"),
+                        ("default_cache", "default (2 GB: images on the training device)")):
+        r = dict(out["cache"].get(name) or {})
+        if r.get("median_step_s") is not None:
+            r["data_median_s"] = statistics.median(r["data_s"])
+            r["data_median_cpu_s"] = statistics.median(r.get("data_cpu_s") or [float("nan")])
+            lines.append(f"| {label} | {_time_cell(r, 'median_step_s', cpu)} | "
+                         f"{_time_cell(r, 'data_median_s', cpu, 3)} | {_share_cell(r, cpu)} |")
+    return lines + [""]
+
+
+def cocoop_table(out: dict, cpu: bool) -> list[str]:
+    if not out.get("cocoop", {}).get("rows"):
+        return []
+    kind = _kind(cpu)
+    lines = [f"| CoCoOp text side, batch 4 | classes | batched{kind} | per-image loop{kind} | official loop, "
+             f"77 tokens{kind} | speed-up vs loop | speed-up vs official | max logit diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in out["cocoop"]["rows"]:
+        for phase in ("forward", "train_step"):
+            ups = []
+            for suffix in ("", "_official"):
+                up = f"{r[f'{phase}_speedup{suffix}']:.2f}x"
+                if cpu and f"{phase}_speedup{suffix}_cpu" in r:
+                    up += f" ({r[f'{phase}_speedup{suffix}_cpu']:.2f}x)"
+                ups.append(up)
+            lines.append(f"| {phase.replace('_', ' ')} | {r['classes']} | {_time_cell(r, f'{phase}_batched_s', cpu)} | "
+                         f"{_time_cell(r, f'{phase}_looped_s', cpu)} | {_time_cell(r, f'{phase}_official_s', cpu)} | "
+                         f"{ups[0]} | {ups[1]} | {r['max_abs_logit_diff']:.1e} |")
+    return lines + [""]
+
+
+def memory_table(out: dict, cpu: bool) -> list[str]:
+    if not out.get("memory", {}).get("rows"):
+        return []
+    n = out["memory"]["train_classes"]
+    lines = [f"| training step memory | batch | at {n} classes | scaled to 1000 classes (x{1000 / n:g}) |",
+             "|---|---|---|---|"]
+    for name, r in out["memory"]["rows"].items():
+        g = (r.get("memory") or {}).get("growth_mb")
+        lines.append(f"| {name} | {r.get('batch')} | {_mb(g)} | {_mb(None if g is None else g * 1000 / n)} |")
+    return lines + [""]
+
+
+def featurecache_table(out: dict, cpu: bool) -> list[str]:
+    """The featurecache section: per demo dataset, mean ± sd over seeds with the cache off and on, then the
+    per-seed differences."""
+    if not out.get("featurecache", {}).get("runs"):
+        return []
+    fc = out["featurecache"]
+    lines = [f"| {fc['method']}, {fc['epochs']} epochs, mean ± sd over seeds {fc['seeds']} | feature cache | "
+             "training time (wall) | whole run, CPU time | base acc | novel acc | base ECE | novel ECE |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dataset in DEMO_DATASETS:
+        for k in (0, fc["k"]):
+            lines += _featurecache_mean_row(fc, dataset, k)
+        lines += _featurecache_diff_row(fc, dataset)
+    return lines + [""]
+
+
+def _featurecache_mean_row(fc: dict, dataset: str, k: int) -> list[str]:
+    runs = [r for name, r in fc["runs"].items() if f":{dataset}:" in name and name.endswith(f":K{k}")
+            and "error" not in r]
+    if not runs:
+        return []
+
+    def stat(f, unit=""):
+        values = [f(r) for r in runs]
+        if any(math.isnan(v) for v in values):
+            return "-"
+        sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{unit}{sd}"
+
+    return [f"| {dataset} | {'off' if k == 0 else f'K={k}'} | "
+            f"{stat(lambda r: r['timings']['train_s'], ' s')} | "
+            f"{stat(lambda r: r.get('cpu_s', float('nan')), ' s')} | "
+            f"{stat(lambda r: r['metrics']['base']['acc'])} | "
+            f"{stat(lambda r: r['metrics']['novel']['acc'])} | "
+            f"{stat(lambda r: r['metrics']['base']['ece'])} | "
+            f"{stat(lambda r: r['metrics']['novel']['ece'])} |"]
+
+
+def _featurecache_diff_row(fc: dict, dataset: str) -> list[str]:
+    pairs = [(fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K0"),
+              fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K{fc['k']}")) for seed in fc["seeds"]]
+    pairs = [(a, b) for a, b in pairs if a and b and "error" not in a and "error" not in b]
+    if not pairs:
+        return []
+
+    def diff(split, metric):
+        d = [b["metrics"][split][metric] - a["metrics"][split][metric] for a, b in pairs]
+        return f"{statistics.mean(d):+.2f} (" + ", ".join(f"{x:+.1f}" for x in d) + ")"
+
+    speed = statistics.mean(a["timings"]["train_s"] / b["timings"]["train_s"] for a, b in pairs)
+    return [f"| {dataset} | K={fc['k']} minus off, per seed | {speed:.1f}x faster | | "
+            f"{diff('base', 'acc')} | {diff('novel', 'acc')} | {diff('base', 'ece')} | {diff('novel', 'ece')} |"]
+
+
+def notes_lines(out: dict, cpu: bool) -> list[str]:
+    return ["Notes:"] + [f"- {n}" for n in out["notes"]] if out.get("notes") else []
+
+
+TABLES = (data_table, train_table, train_syncs, cache_table, cocoop_table, memory_table, featurecache_table,
+          notes_lines)  # format_tables' order
+
+
 def format_tables(out: dict) -> str:
     """Markdown tables of a bench.json dict. On the CPU, times read "wall (process CPU time)": the CPU time
     hardly moves when other processes share the cores, the wall time does."""
     cpu = out["device"].startswith("CPU")
-
-    def t(r, key, digits=2):  # key ends in "_s"; its CPU-time twin ends in "_cpu_s"
-        wall, cpu_key = f"{r[key]:.{digits}f} s", key[:-2] + "_cpu_s"
-        return f"{wall} ({r[cpu_key]:.{digits}f} s)" if cpu and cpu_key in r else wall
-
-    def share(r):
-        wall = f"{100 * r['data_share']:.1f}%"
-        return f"{wall} ({100 * r['data_share_cpu']:.1f}%)" if cpu and r.get("data_share_cpu") is not None else wall
-
-    kind = " wall (CPU time)" if cpu else ""
     lines = [f"Device: {out['device']}; torch {out['torch']}; command: `{out['command']}`", ""]
-    if out.get("data", {}).get("rows"):
-        lines += ["| training images, batch 32, 500x375 JPEGs to 224 | threads | PIL loader workers | PIL loader "
-                  "images/s | TrainImages images/s | speed-up | decoding once, images/s |", "|---|---|---|---|---|---|---|"]
-        for name, r in out["data"]["rows"].items():
-            if "error" in r:
-                lines.append(f"| {name} | failed: {r['error']} (log {r.get('log')}) ||||||")
-                continue
-            where = r["device"] + ("" if r.get("on_device", True) else ", images in pinned host memory")
-            lines.append(f"| {where} | {r.get('torch_threads')} | {r['workers']} | {r['pil_images_per_s']:.0f} | "
-                         f"{r['new_images_per_s']:.0f} | {r['new_images_per_s'] / r['pil_images_per_s']:.1f}x | "
-                         f"{r['decode_images_per_s']:.0f} |")
-        lines.append("")
-        pixels = next((r["pixels"] for r in out["data"]["rows"].values() if "pixels" in r), None)
-        if pixels:
-            lines += ["| TrainImages against the PIL path, same crop boxes | resize | mean abs diff | max abs diff | "
-                      "pixels that differ |", "|---|---|---|---|---|"]
-            for images, kernels in pixels.items():
-                for kernel, d in kernels.items():
-                    lines.append(f"| {images} | {kernel} | {d['mean_abs']:.5f} | {d['max_abs']:.3f} | "
-                                 f"{100 * d['grey_levels_differing']:.1f}% |")
-            lines.append("Differences are of CLIP-normalised pixels (one grey level is about 0.015).")
-            lines.append("")
-    if out.get("train"):
-        demo = out.get("demo", {}).get("rows", {})
-        lines += [f"| method | batch | train classes | step, median{kind} | data share{kind} | eval images/s "
-                  f"(encoding only) | enc/img | peak step memory | demo run{kind} |", "|---|---|---|---|---|---|---|---|---|"]
-        for m, r in out["train"].items():
-            if "error" in r:
-                lines.append(f"| {m} | failed: {r['error']} (log {r.get('log')}) |||||||")
-                continue
-            mem = (r.get("memory") or {}).get("growth_mb")
-            d = demo.get(m, {})
-            demo_cell = "-" if "wall_s" not in d else f"{d['wall_s']:.0f} s ({d['cpu_s']:.0f} s)" if cpu and "cpu_s" in d \
-                else f"{d['wall_s']:.0f} s"
-            lines.append(f"| {m} | {r['batch']} | {r['train_classes']} | {t(r, 'median_step_s')} | {share(r)} | "
-                         f"{r.get('eval_images_per_s', 0):.1f} ({r.get('encode_images_per_s', 0):.1f}) | "
-                         f"{r.get('encodes_per_image', float('nan')):.2f} | {_mb(mem)} | {demo_cell} |")
-        lines.append("")
-        syncs = {m: r.get("syncs") for m, r in out["train"].items() if r.get("syncs") is not None}
-        if syncs:
-            lines += ["Host-device syncs inside the timed training steps (set_sync_debug_mode):"]
-            lines += [f"- {m}: {s or 'none'}" for m, s in syncs.items()] + [""]
-    if out.get("cache"):
-        lines += [f"| CoOp, batch 32 | step, median{kind} | data time per step{kind} | data share{kind} |",
-                  "|---|---|---|---|"]
-        for name, label in (("no_cache", "--image-cache-gb 0 (images in host memory)"),
-                            ("default_cache", "default (2 GB: images on the training device)")):
-            r = dict(out["cache"].get(name) or {})
-            if r.get("median_step_s") is not None:
-                r["data_median_s"] = statistics.median(r["data_s"])
-                r["data_median_cpu_s"] = statistics.median(r.get("data_cpu_s") or [float("nan")])
-                lines.append(f"| {label} | {t(r, 'median_step_s')} | {t(r, 'data_median_s', 3)} | {share(r)} |")
-        lines.append("")
-    if out.get("cocoop", {}).get("rows"):
-        lines += [f"| CoCoOp text side, batch 4 | classes | batched{kind} | per-image loop{kind} | official loop, "
-                  f"77 tokens{kind} | speed-up vs loop | speed-up vs official | max logit diff |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in out["cocoop"]["rows"]:
-            for phase in ("forward", "train_step"):
-                ups = []
-                for suffix in ("", "_official"):
-                    up = f"{r[f'{phase}_speedup{suffix}']:.2f}x"
-                    if cpu and f"{phase}_speedup{suffix}_cpu" in r:
-                        up += f" ({r[f'{phase}_speedup{suffix}_cpu']:.2f}x)"
-                    ups.append(up)
-                lines.append(f"| {phase.replace('_', ' ')} | {r['classes']} | {t(r, f'{phase}_batched_s')} | "
-                             f"{t(r, f'{phase}_looped_s')} | {t(r, f'{phase}_official_s')} | {ups[0]} | {ups[1]} | "
-                             f"{r['max_abs_logit_diff']:.1e} |")
-        lines.append("")
-    if out.get("memory", {}).get("rows"):
-        n = out["memory"]["train_classes"]
-        lines += [f"| training step memory | batch | at {n} classes | scaled to 1000 classes (x{1000 / n:g}) |",
-                  "|---|---|---|---|"]
-        for name, r in out["memory"]["rows"].items():
-            g = (r.get("memory") or {}).get("growth_mb")
-            lines.append(f"| {name} | {r.get('batch')} | {_mb(g)} | {_mb(None if g is None else g * 1000 / n)} |")
-        lines.append("")
-    if out.get("featurecache", {}).get("runs"):
-        fc = out["featurecache"]
-        lines += [f"| {fc['method']}, {fc['epochs']} epochs, mean ± sd over seeds {fc['seeds']} | feature cache | "
-                  "training time (wall) | whole run, CPU time | base acc | novel acc | base ECE | novel ECE |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for dataset in DEMO_DATASETS:
-            for k in (0, fc["k"]):
-                runs = [r for name, r in fc["runs"].items() if f":{dataset}:" in name and name.endswith(f":K{k}")
-                        and "error" not in r]
-                if not runs:
-                    continue
-
-                def stat(f, unit=""):
-                    values = [f(r) for r in runs]
-                    if any(math.isnan(v) for v in values):
-                        return "-"
-                    sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-                    return f"{statistics.mean(values):.2f}{unit}{sd}"
-
-                lines.append(f"| {dataset} | {'off' if k == 0 else f'K={k}'} | "
-                             f"{stat(lambda r: r['timings']['train_s'], ' s')} | "
-                             f"{stat(lambda r: r.get('cpu_s', float('nan')), ' s')} | "
-                             f"{stat(lambda r: r['metrics']['base']['acc'])} | "
-                             f"{stat(lambda r: r['metrics']['novel']['acc'])} | "
-                             f"{stat(lambda r: r['metrics']['base']['ece'])} | "
-                             f"{stat(lambda r: r['metrics']['novel']['ece'])} |")
-            pairs = [(fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K0"),
-                      fc["runs"].get(f"fc:{fc['method']}:{dataset}:seed{seed}:K{fc['k']}")) for seed in fc["seeds"]]
-            pairs = [(a, b) for a, b in pairs if a and b and "error" not in a and "error" not in b]
-            if pairs:
-                def diff(split, metric):
-                    d = [b["metrics"][split][metric] - a["metrics"][split][metric] for a, b in pairs]
-                    return f"{statistics.mean(d):+.2f} (" + ", ".join(f"{x:+.1f}" for x in d) + ")"
-
-                speed = statistics.mean(a["timings"]["train_s"] / b["timings"]["train_s"] for a, b in pairs)
-                lines.append(f"| {dataset} | K={fc['k']} minus off, per seed | {speed:.1f}x faster | | "
-                             f"{diff('base', 'acc')} | {diff('novel', 'acc')} | {diff('base', 'ece')} | "
-                             f"{diff('novel', 'ece')} |")
-        lines.append("")
-    if out.get("notes"):
-        lines += ["Notes:"] + [f"- {n}" for n in out["notes"]]
+    for table in TABLES:
+        lines += table(out, cpu)
     return "\n".join(lines)
 
 

@@ -248,12 +248,17 @@ def test_bench_worker_times_a_method(tiny_world, tmp_path, monkeypatch, one_thre
     root, ckpt, cache = tiny_world
     monkeypatch.setenv("CP_CACHE", str(cache))
     monkeypatch.setattr(evaluation, "reliability_diagram", lambda *a, **k: None)
-    before = (data.TrainImages.__iter__, data.FeatureViews.__iter__, torch.nn.Conv2d.forward, evaluation.predict)
+
+    def patched():  # everything the worker patches
+        return (data.TrainImages.__iter__, data.FeatureViews.__iter__, torch.nn.Conv2d.forward, evaluation.predict,
+                evaluation.save_prompt, evaluation.evaluate_protocol, evaluation.write_results)
+
+    before = patched()
     r = bench.worker_method({"kind": "method", "method": "coop", "mode": "train", "device": "cpu", "steps": 2,
                              "argv": ["--dataset", "eurosat", "--root", str(root), "--shots", "4", "--batch-size", "4",
                                       "--backbone", str(ckpt), "--output", str(tmp_path), "--device", "cpu",
                                       "--epochs", "1"]})
-    assert (data.TrainImages.__iter__, data.FeatureViews.__iter__, torch.nn.Conv2d.forward, evaluation.predict) == before
+    assert patched() == before
     assert r["steps_timed"] == 2 and len(r["data_s"]) == 2 and 0 < r["data_share"] < 1  # loader cut after 3 batches
     assert r["eval_images"] == 40 and r["encodes_per_image"] == 1.0 and r["eval_images_per_s"] > 0
     assert r["memory"]["kind"] == "cpu_peak_rss" and r["memory"]["growth_mb"] >= 0
