@@ -99,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
     p.add_argument("--n-ctx", type=evaluation.at_least(1), default=4, help="number of context vectors (ignored with --ctx-init)")
-    p.add_argument("--ctx-init", default="a photo of a", help='initialise the context from this phrase '
-                                                              '("" = --n-ctx random N(0, 0.02) vectors)')
+    p.add_argument("--ctx-init", default="a photo of a",
+                   help='initialise the context from this phrase; "" = --n-ctx random N(0, 0.02) vectors')
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                    help="autocast dtype of the frozen encoders; auto = fp16 on CUDA, fp32 elsewhere")
@@ -249,6 +249,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # the frozen encoders' autocast
     run_dir = evaluation.run_dir(args, METHOD)
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
@@ -264,6 +265,7 @@ def main(argv=None) -> None:
         param.requires_grad_(name.startswith("prompt_learner."))
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    logit_scale = model.logit_scale.exp().float()  # CLIP's frozen logit scale, a 0-dim fp32 tensor
     if args.load:
         state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
         state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
@@ -282,7 +284,6 @@ def main(argv=None) -> None:
             loader = data.FeatureViews(loader, model.image_features, args.feature_cache)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -296,11 +297,12 @@ def main(argv=None) -> None:
                         image_features = batch if args.feature_cache else model.image_features(batch)  # (B, E)
                     text_features = model.text_features(image_features)  # (B, C, E): each image's own prompts
                 # Image i against its own C text features, (B, C) in fp32; the moment term gets the (B, C, E) ones.
-                logits = model.logit_scale.exp().float() * (image_features.unsqueeze(1) * text_features).sum(-1)
-                zs_logits = model.logit_scale.exp().float() * image_features @ zs_text.t() \
+                logits = logit_scale * (image_features.unsqueeze(1) * text_features).sum(-1)
+                zs_logits = logit_scale * image_features @ zs_text.t() \
                     if losses.needs_zs_logits(args.calib) else None  # (B, C)
-                loss = F.cross_entropy(logits, labels) + losses.calibration(
-                    args.calib, logits, labels, text_features, zs_text, zs_logits, **losses.calibration_kwargs(args))
+                loss = (F.cross_entropy(logits, labels)
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -319,10 +321,16 @@ def main(argv=None) -> None:
     # Evaluation: each test image is encoded once per split; raw, TS and DAC come from the same features.
     model.eval()
 
+    @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
+    def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
+        model.prompt_learner.set_classnames(classnames, clip_model)
+        with torch.autocast(**amp):
+            return model.text_features(dac_condition)[0]  # (C, E)
+
     def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
         group = max(1, args.chunk_size // len(classnames))  # images per pass: at most max(chunk_size, C) prompts
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             return torch.cat([model(f.to(device)) for f in tqdm(features.split(group), desc=f"{key}: conditioned "
                               f"prompts", leave=False, dynamic_ncols=True)])  # (N, C)
 
@@ -330,17 +338,10 @@ def main(argv=None) -> None:
     # DAC's (C, E) class features: every class list conditioned on the same vector, the normalised mean
     # normalised image feature of the few-shot validation split (module docstring), computed once; the same
     # features then serve temperature scaling.
-    with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.autocast(**amp):
         val_features, val_labels = evaluation.predict(model.image_features, data.test_loader(
             train.val, n_px, device=device, num_workers=args.workers), device, "val")  # (N, E)
     dac_condition = F.normalize(val_features.mean(dim=0, keepdim=True), dim=-1).to(device)  # (1, E)
-
-    @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
-    def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
-        model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model.text_features(dac_condition)[0]  # (C, E)
-
     metrics, temperature = evaluation.evaluate_protocol(
         train, targets, encode_fn=model.image_features, logits_fn=logits_fn, tuned_text_fn=tuned_text_fn,
         clip_model=clip_model, dataset=args.dataset, n_px=n_px, device=device, amp_dtype=amp_dtype,
