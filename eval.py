@@ -522,8 +522,11 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
 
 # ------------------------------------------------------------------------------------- checkpoints
 class _Inert:
-    """Stands in for any class a checkpoint pickles (optimizers' schedulers, configs): takes its arguments and
-    state and does nothing with them, so loading such a file never runs code from it."""
+    """Stands in for any class or function a checkpoint pickles (optimizers, schedulers, configs, defaultdicts):
+    takes its arguments, its state and its items and keeps none of them, so loading such a file never runs
+    code from it. The official trainers pickle a scheduler whose successor holds the SGD optimizer, whose
+    momentum buffers sit in a defaultdict keyed by the parameters: the unpickler fills the stand-in with
+    SETITEM/APPEND(S) and BUILD, which must succeed and be dropped."""
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
@@ -531,7 +534,16 @@ class _Inert:
     def __init__(self, *args, **kwargs):
         pass
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # BUILD, with a plain or a (state, slotstate) pair
+        pass
+
+    def __setitem__(self, key, value):  # SETITEM(S) into a pickled mapping (a defaultdict, a config)
+        pass
+
+    def append(self, item):  # APPEND(S) into a pickled sequence (a deque)
+        pass
+
+    def extend(self, items):
         pass
 
 
@@ -556,12 +568,14 @@ def read_checkpoint(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
     """The tensors of a prompt checkpoint: ours (a flat dict of tensors) or one written by the official code
     ({"state_dict": {...}, "optimizer": ..., "scheduler": <pickled objects>}).
 
-    Files with pickled objects are read with an unpickler that replaces every class it does not know by an
-    inert stand-in, so no code from the file runs; `allow_pickle=True` uses the full unpickler instead.
+    Files with pickled objects are read with an unpickler that replaces every class or function it does not
+    know by an inert stand-in (`_Inert`), so no code from the file runs; the official trainers' optimizer and
+    scheduler objects become such stand-ins, filled and discarded, and the tensors come out. A file's problem is
+    a UserError naming it. `allow_pickle=True` uses the full unpickler instead.
     """
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"error: checkpoint {path} does not exist")
+        raise UserError(f"the checkpoint {path} does not exist (--load); give the path of a prompt checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -569,13 +583,14 @@ def read_checkpoint(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
             obj = torch.load(path, map_location="cpu", weights_only=False,
                              pickle_module=pickle if allow_pickle else _inert_pickle)
         except Exception as e:
-            raise SystemExit(f"error: cannot read checkpoint {path}: {e}") from None
+            raise UserError(f"cannot read the checkpoint {path} (--load): {e}; give a prompt checkpoint written "
+                            f"by these scripts or by the official code") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not tensors:
-        raise SystemExit(f"error: checkpoint {path} holds no tensors (a {type(obj).__name__}); expected a prompt "
-                         f"state dict such as {{'ctx': tensor}}")
+        raise UserError(f"the checkpoint {path} holds no tensors (a {type(obj).__name__}, --load); give a prompt "
+                        f"state dict such as {{'ctx': tensor}}")
     return tensors
 
 
@@ -586,8 +601,9 @@ def load_prompt_state(module: torch.nn.Module, state: dict, path) -> None:
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in set(own) & set(state) if state[k].shape != own[k].shape]
     if missing or extra or wrong:
-        raise SystemExit(f"error: checkpoint {path} does not fit this model: missing {missing}, unexpected {extra}, "
-                         f"wrong shape {wrong} (check the method and its prompt options: --n-ctx, --ctx-init, prompt depth)")
+        raise UserError(f"the checkpoint {path} does not fit this model: missing {missing}, unexpected {extra}, "
+                        f"wrong shape {wrong} (--load); check the method and its prompt options: --n-ctx, --ctx-init, "
+                        f"prompt depth")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

@@ -8,7 +8,7 @@ KgCoOp template (data.py's "kgcoop" column, e.g. "a photo of a {}, a type of pet
     loss = CE + kg_weight * (1 - mean_c cos(w_c, w0_c)),   kg_weight = 8.0,
 
 so the prompts forget less of CLIP's general knowledge and transfer better to novel classes. The context
-always starts from the 4 token embeddings of "a photo of a" (--n-ctx is ignored, as in the official code).
+always starts from the 4 token embeddings of "a photo of a", and --n-ctx is ignored (see the deviations).
 
 With --calib ours the loss gains the two regularizers of "Towards Calibrating Prompt Tuning of
 Vision-Language Models" (CVPR 2026): the mean-variance margin penalty on the training logits and text
@@ -22,6 +22,9 @@ Recipe (defaults): DAC's ViT-B/16 setting, 4 context vectors from "a photo of a"
 per-epoch cosine schedule, kg_weight 8.0 (DAC's setting, Wang et al., ICML 2024).
 
 Deviations from the official code:
+- The initialisation is always "a photo of a". The official code uses it only when CTX_INIT is set (to any
+  phrase: whatever it says, "a photo of a" is used) and otherwise starts from N_CTX random N(0, 0.02)
+  vectors; its configs always set CTX_INIT, so its published runs start from "a photo of a" as here.
 - The frozen features w0 are computed in fp32 from an fp32 copy of the text tower; the official code
   computes them with an fp16 CLIP (a known defect: the teacher is rounded to fp16).
 - The context vectors are trained in fp32 and only the frozen encoders run in fp16/bf16 under autocast;
@@ -65,7 +68,7 @@ import eval as evaluation  # noqa: E402
 import losses  # noqa: E402
 
 METHOD = "kgcoop"
-CTX_INIT = "a photo of a"  # KgCoOp's initialisation, forced whatever --n-ctx says (as the official code)
+CTX_INIT = "a photo of a"  # the initialisation, whatever --n-ctx says (official: whenever CTX_INIT is set)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing in the text encoder: far less memory for many classes, "
                         "same gradients, about a third more text-side compute")
     p.add_argument("--eval-only", action="store_true", help="skip training and evaluate the prompt given by --load")
-    p.add_argument("--load", default=None, help="prompt checkpoint to evaluate (ours, or the official CoOp code's)")
+    p.add_argument("--load", default=None, help="prompt checkpoint to evaluate (ours, or the official KgCoOp code's)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow --load to unpickle arbitrary objects (only for files you trust)")
     losses.add_calibration_args(p)

@@ -22,6 +22,11 @@ SGD lr 0.0035 (momentum 0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then
 schedule (DAC's setting, Wang et al., ICML 2024).
 
 Deviations from the official code:
+- --ctx-init works for any --n-ctx up to the phrase's length in tokens: its first n_ctx token embeddings
+  are the learnable context and the rest of the phrase stays fixed before the class name. The official code
+  uses CTX_INIT only when N_CTX <= 4 and otherwise silently falls back to random vectors ("X" placeholders);
+  here the phrase is used whatever --n-ctx is, and a phrase with fewer tokens than --n-ctx is refused (the
+  official code would take its end-of-text and padding embeddings as context).
 - The prompts and projections are trained in fp32 and only the frozen encoders run in fp16/bf16 under
   autocast; the official code casts the prompts to fp16 inside the encoders (it fails in fp32 as released)
   and casts `proj` to fp16. Here prompts follow the activations' dtype, so fp32, bf16 and fp16 all work.

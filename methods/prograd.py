@@ -36,7 +36,8 @@ Deviations from the official code:
 - Every ProGrad template in data.py ends with " {}."; for a template with words after "{}", the
   phrase is the text before it and the words after it are left out (a notice is printed), because the
   class token stays at the end as in CoOp.
-- The teacher's text features are computed once, in fp32 from an fp32 copy of the text tower. Its image
+- The teacher's text features are computed once, in fp32 from an fp32 copy of the text tower, and only when
+  training: an evaluation-only run (--eval-only --load) never uses the teacher and skips it. Its image
   features are the student's (the same frozen image encoder): the official teacher re-encodes every
   batch with a second, fp32 copy of CLIP, which differs only by the fp16 rounding of the frozen encoder
   (none with --precision fp32) and costs a second image forward per step.
@@ -281,11 +282,13 @@ def main(argv=None) -> None:
 
     # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
     zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
-    # The teacher: frozen zero-shot CLIP with the ProGrad template, text features in fp32, computed once.
-    teacher_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "prograd"), fp32=True)
 
     train_time = 0.0
     if not args.eval_only:
+        # The teacher (training only): frozen zero-shot CLIP with the ProGrad template, text features in fp32,
+        # computed once.
+        teacher_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "prograd"),
+                                                fp32=True)  # (C, E)
         t0 = time.time()  # training time includes decoding the images (and --feature-cache encoding)
         # Decoded once; each batch is cropped, flipped, resized and normalised on the device (data.TrainImages).
         loader = data.TrainImages(train.train, n_px, args.batch_size, device, args.seed, train.min_crop,

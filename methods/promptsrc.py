@@ -7,7 +7,7 @@ replace the tokens at positions 1..n_ctx, and before vision block i new vision p
 tokens (the official `VPT_shallow` of block i). Image features now depend on the prompts: training runs the
 prompted image encoder every step, evaluation encodes each test image once per split with the final prompts.
 The loss adds three self-regulating terms to the cross-entropy: 25 * mean L1 of the tuned class text features
-to the frozen 80-template ensemble features, 10 * mean L1 of the prompted image features to frozen CLIP's
+to the frozen template-ensemble features (--ensemble-templates), 10 * mean L1 of the prompted image features to frozen CLIP's
 features of the same images, and KL(zero-shot || tuned) of the logits (sum / (B*C)), the zero-shot teacher
 being frozen image features against the ensemble text features. Gaussian prompt aggregation (GPA): after
 epoch e = 1..E the learned tensors are accumulated with weight N(e; mean, std) (normalised to sum 1); the
@@ -20,10 +20,16 @@ moment matching to frozen zero-shot text features (losses.py); other values sele
 Example:
     python methods/promptsrc.py --dataset oxford_pets --root data --seed 1 --calib ours
 
-Recipe (defaults): DAC's ViT-B/16 setting, text context from "a photo of a", 4 vision tokens and all deep
-prompts N(0, 0.02), depth 9 on both sides, loss weights 25 / 10, 50 epochs, batch 4, SGD lr 0.0025 (momentum
-0.9, weight decay 5e-4), one warm-up epoch at 1e-5, then a per-epoch cosine schedule, GPA mean 30 std 30
-(DAC's setting, Wang et al., ICML 2024). The original paper's setting: --epochs 20 --gpa-mean 15 --gpa-std 1.
+Recipes. Both share: text context from "a photo of a", 4 vision tokens and all deep prompts N(0, 0.02), depth 9
+on both sides, loss weights 25 / 10, batch 4, SGD lr 0.0025 (momentum 0.9, weight decay 5e-4), one warm-up
+epoch at 1e-5, then a per-epoch cosine schedule.
+- DAC's ViT-B/16 setting (Wang et al., ICML 2024), the defaults: the 80 CLIP ImageNet templates for the text
+  ensemble, 50 epochs, GPA mean 30 std 30:
+      python methods/promptsrc.py --dataset oxford_pets --root data --seed 1
+- The original PromptSRC setting (Khattak et al.): the official code's 60 of those templates, 20 epochs,
+  GPA mean 15 std 1:
+      python methods/promptsrc.py --dataset oxford_pets --root data --seed 1 --ensemble-templates promptsrc60 --epochs 20 --gpa-mean 15 --gpa-std 1
+The choice is recorded with the other options in results.json ("args").
 
 Deviations from the official code:
 - Prompts train in fp32; only the frozen encoders run in fp16/bf16 under autocast, and prompts enter them in
@@ -38,7 +44,8 @@ Deviations from the official code:
   clipped with a warning; ResNet backbones have no tokens to prompt and are refused.
 - The text context has as many vectors as the phrase has tokens (--n-ctx only sizes a random init); the
   official code takes the first n_ctx tokens of the phrase but keeps the whole phrase in the prompt.
-- The ensemble is the 80 CLIP ImageNet templates (DAC's copy); the original PromptSRC uses 60 of them.
+- By default the ensemble is the 80 CLIP ImageNet templates (DAC's copy); the official code averages 60 of
+  them (--ensemble-templates promptsrc60, data.PROMPTSRC_TEMPLATES, in the official order).
 - No --feature-cache (image features depend on the prompts). With --calib zs_norm/penalty the frozen
   zero-shot logits are frozen image features against the dataset template (CoOp column).
 - The checkpoint holds only the learned tensors: `ctx`, `VPT`, `text_VPT_shallow.<i>`, `image_VPT_shallow.<i>`
@@ -77,6 +84,8 @@ import losses  # noqa: E402
 from clip.model import VisionTransformer  # noqa: E402
 
 METHOD = "promptsrc"
+# --ensemble-templates: the templates whose frozen text features are averaged into PromptSRC's text target.
+ENSEMBLES = {"imagenet80": data.IMAGENET_TEMPLATES, "promptsrc60": data.PROMPTSRC_TEMPLATES}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the L1 distance of the tuned text features to the template-ensemble features")
     p.add_argument("--image-loss-weight", type=float, default=10.0,
                    help="weight of the L1 distance of the prompted image features to frozen CLIP's")
+    p.add_argument("--ensemble-templates", default="imagenet80", choices=sorted(ENSEMBLES),
+                   help="templates averaged into the frozen text target: imagenet80 = the 80 CLIP ImageNet "
+                        "templates (DAC's setting), promptsrc60 = the 60 of them the original PromptSRC uses")
     p.add_argument("--gpa-mean", type=float, default=30.0,
                    help="mean (in epochs, 1-based) of the Gaussian prompt aggregation weights (original: 15; "
                         "DAC's config notes 45 with std 5 for StanfordCars, Flowers102, FGVCAircraft, DTD, EuroSAT)")
@@ -359,7 +371,7 @@ def main(argv=None) -> None:
     if not args.eval_only:
         t0 = time.time()  # training time includes decoding the images
         # PromptSRC's text target: the template-ensemble features of the training classes, computed once.
-        ens_text = ensemble_text_features(clip_model, train.classnames, data.IMAGENET_TEMPLATES)  # (C, E)
+        ens_text = ensemble_text_features(clip_model, train.classnames, ENSEMBLES[args.ensemble_templates])  # (C, E)
         # Decoded once; each batch is cropped, flipped, resized and normalised on the device (data.TrainImages).
         loader = data.TrainImages(train.train, n_px, args.batch_size, device, args.seed, train.min_crop,
                                   int(args.image_cache_gb * 2**30), args.workers)

@@ -151,6 +151,20 @@ def test_backbone_problems_name_the_file(world, capsys, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_checkpoint_problems_name_the_file(world, capsys, tmp_path):
+    """--load of a missing file, of one that is not a checkpoint, of one with no tensors and of one that does
+    not fit the model: one error line naming the file and --load, status 1, no run left."""
+    junk, empty, other = tmp_path / "junk.pth.tar", tmp_path / "empty.pth.tar", tmp_path / "other.pth.tar"
+    junk.write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}, "epoch": 1}, empty)
+    torch.save({"state_dict": {"ctx": torch.zeros(3, 64)}}, other)  # 3 context vectors, the model has 16
+    for path, expected in ((tmp_path / "missing.pth.tar", "does not exist"), (junk, "cannot read the checkpoint"),
+                           (empty, "holds no tensors"), (other, "does not fit this model")):
+        status, line = user_error(capsys, argv(world, "--eval-only", "--load", str(path)))
+        assert status == 1 and expected in line and str(path) in line and "--load" in line, line
+    assert_no_run_left(world[2])
+
+
 def test_device_without_gpu_and_unknown_device(world, capsys):
     for device, expected in (("cuda", "--device cuda: torch sees 0 CUDA device"), ("tpu", "unknown --device 'tpu'")):
         status, line = user_error(capsys, argv(world, "--device", device))

@@ -157,3 +157,24 @@ def test_depth_is_clipped_with_a_warning_and_resnet_is_refused():
         args = maple.parse_args(["--ctx-init", "a", "--prompt-depth", "2"])  # one token for two context vectors
         maple.CustomCLIP(args, NAMES, tiny_clip(context_length=32))
 
+
+
+def test_ctx_init_with_more_than_four_context_vectors_uses_the_phrase():
+    """The official code ignores CTX_INIT when N_CTX > 4 (random vectors instead); here the phrase's token
+    embeddings are the context for any --n-ctx, and the tokens beyond --n-ctx stay fixed in the prompt."""
+    maple = load_method("maple")
+    torch.manual_seed(0)
+    clip_model = tiny_clip(context_length=32).eval()
+    phrase = "a blurry photo of the small"
+    tokens = clip.tokenize(phrase, context_length=32)[0]
+    assert int(tokens.argmax()) == 7  # SOS, 6 tokens, EOT
+    with torch.no_grad():
+        embedding = clip_model.token_embedding(tokens)  # (L, D)
+    for n_ctx in (6, 5):
+        args = maple.parse_args(["--n-ctx", str(n_ctx), "--ctx-init", phrase, "--prompt-depth", "2"])
+        pl = maple.CustomCLIP(args, NAMES, clip_model).prompt_learner
+        assert pl.n_ctx == n_ctx and torch.equal(pl.ctx.detach(), embedding[1:1 + n_ctx])
+        assert torch.equal(pl.tokenized_prompts[0, :7], tokens[:7])  # "a blurry photo of the small forest."
+        # After the context: the rest of the phrase (for n_ctx 5, "small"), then the class name.
+        torch.testing.assert_close(pl.token_suffix[:, :6 - n_ctx], embedding[1 + n_ctx:7].expand(3, -1, -1),
+                                   rtol=0, atol=0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import clip
 import data
+import eval as evaluation
 from conftest import run_script
 from test_coop import COMMON, check_results, load_method
 
@@ -126,3 +127,30 @@ def test_training_step_applies_the_projection_to_each_parameter(prograd, tiny_wo
         assert lam == 0.7 and g_ce.shape == g_kd.shape == (16, 64)
         assert g_kd.norm() > 0 and not torch.allclose(g_ce, g_kd)  # two different losses, two backward passes
         assert torch.equal(stepped, out)
+
+
+def test_eval_only_never_builds_the_teacher(prograd, tiny_world, tmp_path, monkeypatch):
+    """The teacher's fp32 text features are computed once when training and not at all for --eval-only --load,
+    whose metrics are still those of the training run."""
+    root, ckpt, cache = tiny_world
+    monkeypatch.setenv("CP_CACHE", str(cache))
+    fp32_calls = []
+    real = evaluation.text_features
+
+    def spy(clip_model, prompts, *args, **kwargs):
+        if kwargs.get("fp32"):
+            fp32_calls.append(list(prompts))
+        return real(clip_model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "text_features", spy)
+    common = [*COMMON, "--root", str(root), "--backbone", str(ckpt)]
+    prograd.main([*common, "--output", str(tmp_path / "train"), "--epochs", "1"])
+    run_dir = tmp_path / "train" / "base2new" / "prograd" / "none" / "eurosat" / "seed1"
+    assert len(fp32_calls) == 1 and fp32_calls[0][0] == data.template("eurosat", "prograd").format("Annual Crop Land")
+    fp32_calls.clear()
+    prograd.main([*common, "--output", str(tmp_path / "eval"), "--eval-only", "--load", str(run_dir / "prompt.pt")])
+    assert fp32_calls == []
+    trained = json.loads((run_dir / "results.json").read_text())
+    reloaded = json.loads((tmp_path / "eval" / "base2new" / "prograd" / "none" / "eurosat" / "seed1" /
+                           "results.json").read_text())
+    assert reloaded["metrics"] == trained["metrics"] and reloaded["temperature"] == trained["temperature"]

@@ -173,3 +173,37 @@ def test_resnet_backbone_refused_and_depth_clipped_with_a_warning():
     assert len(model.prompt_learner.image_VPT_shallow) == 1
     with pytest.raises(data.UserError, match="--prompt-depth-vision: must be a whole number >= 1"):
         build("--prompt-depth-vision", "0")
+
+
+def test_the_original_template_set_is_the_official_60_of_the_80():
+    """data.PROMPTSRC_TEMPLATES: 60 distinct templates of the 80, in the 80's order except that "a photo of a {}."
+    leads, as in the official list; together they are exactly the first 60 of the 80."""
+    t80, t60 = data.IMAGENET_TEMPLATES, data.PROMPTSRC_TEMPLATES
+    assert len(t80) == 80 == len(set(t80)) and len(t60) == 60 == len(set(t60))
+    assert set(t60) <= set(t80) and set(t60) == set(t80[:60])
+    assert t60[0] == "a photo of a {}." and t80.index(t60[0]) == 39
+    positions = [t80.index(t) for t in t60[1:]]
+    assert positions == sorted(positions)  # the other 59 keep the 80's order
+    assert psrc.ENSEMBLES == {"imagenet80": t80, "promptsrc60": t60}
+
+
+def test_ensemble_templates_option_sets_the_text_target(tiny_world, tmp_path, monkeypatch):
+    """--ensemble-templates promptsrc60 makes training average the 60 templates (recorded in results.json); the
+    two sets give different ensemble features."""
+    _, clip_model = build()
+    ens80 = psrc.ensemble_text_features(clip_model, NAMES, psrc.ENSEMBLES["imagenet80"])
+    ens60 = psrc.ensemble_text_features(clip_model, NAMES, psrc.ENSEMBLES["promptsrc60"])
+    assert ens60.shape == ens80.shape == (3, 64) and (ens60 - ens80).abs().max() > 1e-4
+    assert psrc.parse_args([]).ensemble_templates == "imagenet80"
+
+    root, ckpt, cache = tiny_world
+    monkeypatch.setenv("CP_CACHE", str(cache))
+    used = []
+    real = psrc.ensemble_text_features
+    monkeypatch.setattr(psrc, "ensemble_text_features",
+                        lambda model, names, templates: used.append(templates) or real(model, names, templates))
+    psrc.main([*COMMON, "--root", str(root), "--backbone", str(ckpt), "--output", str(tmp_path), "--epochs", "1",
+               "--ensemble-templates", "promptsrc60"])
+    assert used == [data.PROMPTSRC_TEMPLATES]
+    results = json.loads((tmp_path / "base2new" / "promptsrc" / "none" / "eurosat" / "seed1" / "results.json").read_text())
+    assert results["complete"] and results["args"]["ensemble_templates"] == "promptsrc60"
