@@ -4,7 +4,8 @@ The metrics follow the calibration literature (ECE with 10 equal-width bins on (
 the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024). Every method script evaluates its logits once
 (`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
 `results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
-files into the paper-shaped tables. Plots use matplotlib's object API with the Agg canvas, so no display
+files into the paper-shaped tables; with `--paper` it also sets base-to-novel runs beside the paper's
+published numbers (published/tcpt_tables.csv, `paper_report`). Plots use matplotlib's object API with the Agg canvas, so no display
 and no global backend switch are needed.
 """
 from __future__ import annotations
