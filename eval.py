@@ -4,7 +4,8 @@ The metrics follow the calibration literature (ECE with 10 equal-width bins on (
 the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024). Every method script evaluates its logits once
 (`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
 `results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
-files into the paper-shaped tables. Plots use matplotlib's object API with the Agg canvas, so no display
+files into the paper-shaped tables; with `--paper` it also sets base-to-novel runs beside the paper's
+published numbers (published/tcpt_tables.csv, `paper_report`). Plots use matplotlib's object API with the Agg canvas, so no display
 and no global backend switch are needed.
 """
 from __future__ import annotations
@@ -721,6 +722,12 @@ def _observations(recs: list[dict], b2n: bool, splits: list[str], metrics: Itera
     return obs
 
 
+def _row_key(row: tuple[str, str, str]) -> tuple:
+    """Table order of (method, calib, variant) rows: by method, calib none first, variants as in VARIANTS."""
+    method, calib, variant = row
+    return method, calib != "none", calib, VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), variant
+
+
 def _summarize_group(protocol: str, demo: bool, recs: list[dict], splits, metrics) -> tuple[list, list, dict, list]:
     """Markdown lines, CSV rows, {quantity: {row: cells}} for a radar plot (else {}) and columns of one group."""
     tag = "DEMO " if demo else ""
@@ -728,8 +735,7 @@ def _summarize_group(protocol: str, demo: bool, recs: list[dict], splits, metric
     splits = splits or (["base", "novel"] if b2n else None)
     obs = _observations(recs, b2n, splits, metrics)
     exclude = set() if b2n else {r["dataset"] for r in recs}  # xd/dg: the training dataset is no target
-    rows = sorted({row for t in obs.values() for row in t},
-                  key=lambda x: (x[0], x[1] != "none", x[1], VARIANTS.index(x[2]) if x[2] in VARIANTS else 9, x[2]))
+    rows = sorted({row for t in obs.values() for row in t}, key=_row_key)
     cols = _column_order(c for t in obs.values() for runs in t.values() for c in runs)
     avg_cols = [c for c in cols if c not in exclude]
     expected = {q: {c: set().union(*(t[row].get(c, {}).keys() for row in t)) for c in cols} for q, t in obs.items()}
@@ -772,6 +778,15 @@ def _summarize_group(protocol: str, demo: bool, recs: list[dict], splits, metric
     return md, csv_rows, (tables if b2n and len(cols) >= 3 else {}), cols
 
 
+def _write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """rows as CSV through `data.write_atomic`; fields: the columns (default: the first row's keys)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields or list(rows[0] if rows else []), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    data.write_atomic(path, text.getvalue().encode())
+
+
 def summarize(root, splits: list[str] | None = None, metrics: Iterable[str] = ("acc", "ece"), write: bool = True) -> str:
     """Paper-shaped tables of every complete results.json below root; Markdown returned (and, when write, saved
     with CSV as root/summary.md, root/summary.csv, plus summary_radar*.png of per-dataset ECE).
@@ -801,12 +816,9 @@ def summarize(root, splits: list[str] | None = None, metrics: Iterable[str] = ("
         md += ["", "## Skipped result files", *(f"- {p}: {why}" for p, why in skipped)]
     text = "\n".join(md) + "\n"
     if write:
-        (root / "summary.md").write_text(text)
+        data.write_atomic(root / "summary.md", text.encode())
         fields = ["protocol", "demo", "table", "stat", "method", "calib", "variant", *dict.fromkeys(all_cols), "average"]
-        with open(root / "summary.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(csv_rows)
+        _write_csv(root / "summary.csv", csv_rows, fields)
         for protocol, demo, cols, tables in radars:
             name = "summary_radar.png" if len(radars) == 1 else f"summary_radar_{protocol}{'_demo' * demo}.png"
             _radar(root / name, cols, tables, f"{'DEMO ' * demo}{protocol}")
@@ -832,6 +844,330 @@ def _radar(path: Path, cols: list[str], tables: dict, title: str) -> None:
     fig.savefig(path)
 
 
+# ------------------------------------------------------------------------------ the paper's published tables
+PUBLISHED = Path(__file__).resolve().parent / "published" / "tcpt_tables.csv"
+PUBLISHED_COLUMNS = ["split", "method", "calib", "metric", *data.BASE_TO_NOVEL, "average", "note"]
+PAPER_SETTING = {"protocol": "base2new", "shots": 16, "backbone": "ViT-B/16"}  # Tables 1-2 of the paper
+PAPER_POST_HOC = ("ts", "dac")  # calibrations in the paper's tables, post-hoc variants of the none runs here
+ROUNDING = 0.005  # half a unit of the published numbers' last digit: their own uncertainty
+B2N_SPLITS = ("base", "novel")
+ANALYSIS_METRICS = ("acc", "confidence", "ece", "margin_mean", "margin_std")
+ANALYSIS_COLUMNS = ("acc", "confidence", "gap", "ece", "margin_mean", "margin_std")  # gap: confidence - acc
+PAPER_CSV_FIELDS = ["method", "calib", "variant", "paper_method", "paper_calib", "split", "metric", "dataset",
+                    "datasets", "ours_mean", "ours_std", "n_seeds", "published", "diff", "flag"]
+COMPARISON_HEAD = "acc: ours | acc: paper | acc: Δ | ece: ours | ece: paper | ece: Δ |"  # of paper.md's tables
+
+
+def load_published(path=PUBLISHED) -> dict[tuple[str, str, str, str], dict]:
+    """The paper's Tables 1-2 (published/README.md): {(split, method, calib, metric): {dataset key: value,
+    "average": value as printed, "note": text}}. Entries the paper does not report have no row."""
+    path = Path(path)
+    restore = "restore it with `git checkout -- published/`"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except OSError as e:
+        raise UserError(f"cannot read the published table ({e.strerror or e}), {path}; {restore}") from None
+    if reader.fieldnames != PUBLISHED_COLUMNS:
+        raise UserError(f"the published table's columns are {reader.fieldnames}, not {PUBLISHED_COLUMNS}, {path}; "
+                        f"{restore}")
+    table = {}
+    for line, row in enumerate(rows, start=2):
+        key = (row["split"], row["method"], row["calib"], row["metric"])
+        try:
+            values = {c: float(row[c]) for c in PUBLISHED_COLUMNS[4:-1]}
+        except (TypeError, ValueError):
+            raise UserError(f"line {line} of the published table lacks a number, {path}; {restore}") from None
+        if key in table:
+            raise UserError(f"line {line} of the published table repeats {'/'.join(key)}, {path}; {restore}")
+        table[key] = {**values, "note": row["note"] or ""}
+    return table
+
+
+def paper_row(method: str, calib: str, variant: str) -> tuple[str, str] | None:
+    """The paper's (method, calib) for one of our rows: its ts and dac are our none runs' post-hoc variants,
+    and it reports no post-hoc variant of a calibrated run."""
+    if variant == "raw":
+        return None if calib in PAPER_POST_HOC else (method, calib)
+    return (method, variant) if calib == "none" and variant in PAPER_POST_HOC else None
+
+
+def _paper_records(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """The records comparable with the paper's tables, and one line per kind of record left out."""
+    why = {"demo": "demo world runs (synthetic datasets, not the paper's)",
+           "protocol": f"runs of another protocol than {PAPER_SETTING['protocol']}",
+           "setting": f"runs with other shots or backbone than the paper's {PAPER_SETTING['shots']} shots, "
+                      f"{PAPER_SETTING['backbone']}",
+           "dataset": "runs of datasets the paper does not report"}
+    kept, left = [], defaultdict(int)
+    for r in records:
+        reason = ("demo" if r.get("demo") else "protocol" if r.get("protocol") != PAPER_SETTING["protocol"] else
+                  "setting" if any(r.get(k) not in (None, PAPER_SETTING[k]) for k in ("shots", "backbone")) else
+                  "dataset" if r.get("dataset") not in data.BASE_TO_NOVEL else None)
+        if reason:
+            left[reason] += 1
+        else:
+            kept.append(r)
+    return kept, [f"{why[reason]}: {n}" for reason, n in left.items()]
+
+
+def _seed_cell(values: list[float], published: float | None, mean: float | None = None) -> dict:
+    """Ours against a published number: mean (the given one, else of the values), sample std (n - 1) and n
+    of the per-seed values, the difference ours - published, and the verdict `flag`."""
+    n = len(values)
+    mean = float(np.mean(values)) if mean is None else mean
+    sd = float(np.std(values, ddof=1)) if n > 1 else float("nan")
+    return {"mean": mean, "sd": sd, "n": n, "published": published,
+            "diff": None if published is None else mean - published, "flag": _flag(mean, sd, n, published)}
+
+
+def _flag(mean: float, sd: float, n: int, published: float | None) -> str:
+    """'>2 SE' where the published number lies outside mean +- 2 standard errors (sd / sqrt(n)), widened by
+    the published number's rounding, so zero spread flags any printed difference; '1 seed' where one seed
+    gives no spread to judge by; '' otherwise, or with nothing published."""
+    if published is None:
+        return ""
+    if n < 2:
+        return "1 seed" if n == 1 else "no seed in common"
+    return ">2 SE" if abs(mean - published) > 2 * sd / np.sqrt(n) + ROUNDING else ""
+
+
+def _average_cell(runs: dict[str, dict], published: dict) -> dict:
+    """The average over the datasets we ran ({dataset: {seed: value}}): ours is the mean of the dataset means,
+    its spread that of the per-seed averages over the seeds all of them have; the published number is the
+    mean of the paper's per-dataset numbers of the same datasets."""
+    cols = list(runs)
+    seeds = set.intersection(*(set(runs[c]) for c in cols))
+    per_seed = [float(np.mean([runs[c][s] for c in cols])) for s in sorted(seeds)]
+    mean = float(np.mean([np.mean(list(runs[c].values())) for c in cols]))
+    pub = float(np.mean([published[c] for c in cols])) if published and all(c in published for c in cols) else None
+    return dict(_seed_cell(per_seed, pub, mean), datasets=len(cols))
+
+
+def paper_comparison(records: list[dict], published: dict) -> dict:
+    """{(method, calib, variant): {(split, metric): {dataset key or "average": cell}}} for each of our rows
+    that the paper reports (cells: `_seed_cell`, "average": `_average_cell`)."""
+    obs = _observations(records, True, list(B2N_SPLITS), ["acc", "ece"])
+    out = {}
+    for row in sorted({row for t in obs.values() for row in t}, key=_row_key):
+        target = paper_row(*row)
+        if target is None or not any(k[1:3] == target for k in published):
+            continue
+        out[row] = {}
+        for split in B2N_SPLITS:
+            for metric in ("acc", "ece"):
+                runs = obs[f"{split} {metric}"].get(row, {})
+                pub = published.get((split, *target, metric), {})
+                cells = {c: _seed_cell(list(runs[c].values()), pub.get(c)) for c in _column_order(runs)}
+                cells["average"] = _average_cell(runs, pub) if runs else None
+                out[row][(split, metric)] = cells
+    return out
+
+
+def _fmt_ours(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    return f"{cell['mean']:.2f}" + (f" ± {cell['sd']:.2f}" if cell["n"] > 1 else "") + f" (n={cell['n']})"
+
+
+def _fmt_diff(cell: dict | None) -> str:
+    if cell is None or cell["diff"] is None:
+        return "-"
+    return f"{cell['diff']:+.2f}" + (f" ({cell['flag']})" if cell["flag"] else "")
+
+
+def _comparison_cells(cells: dict, split: str, col: str) -> list[str]:
+    """ours | paper | difference for acc and ece of one split and column."""
+    out = []
+    for metric in ("acc", "ece"):
+        cell = cells[(split, metric)].get(col)
+        pub = "-" if cell is None or cell["published"] is None else f"{cell['published']:.2f}"
+        out += [_fmt_ours(cell), pub, _fmt_diff(cell)]
+    return out
+
+
+def _comparison_md(comparison: dict, published: dict) -> list[str]:
+    """The overview table and one per-dataset table per row of `paper_comparison`."""
+    md = ["", "### ours against the paper: overview, average over the datasets we ran", "",
+          "| method | calib | variant | split | datasets | " + COMPARISON_HEAD, "|" + "---|" * 11]
+    for row, cells in comparison.items():
+        for split in B2N_SPLITS:
+            avg = cells[(split, "acc")]["average"] or cells[(split, "ece")]["average"]
+            md.append("| " + " | ".join([*row, split, str(avg["datasets"]) if avg else "0",
+                                         *_comparison_cells(cells, split, "average")]) + " |")
+    md += ["", "Ours: the mean over the datasets we ran of each dataset's mean over seeds; ± and n over the seeds "
+               "all of them have, of the per-seed average. Paper: the mean of its per-dataset numbers of the "
+               "same datasets (not its printed average, which some rows do not match; see published/README.md)."]
+    for row, cells in comparison.items():
+        target = paper_row(*row)
+        md += ["", f"### {' / '.join(row)}, against the paper's {' / '.join(target)}", "",
+               "| dataset | split | " + COMPARISON_HEAD, "|" + "---|" * 8]
+        cols = [c for c in _column_order(c for t in cells.values() for c in t) if c != "average"]
+        for col in [*cols, "average"]:
+            for split in B2N_SPLITS:
+                md.append(f"| {col} | {split} | " + " | ".join(_comparison_cells(cells, split, col)) + " |")
+        md += [f"- the paper's {s} {m} row: {published[(s, *target, m)]['note']}" for s in B2N_SPLITS
+               for m in ("acc", "ece") if published.get((s, *target, m), {}).get("note")]
+    return md
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.2f}"  # missing or NaN
+
+
+def _comparison_csv(comparison: dict) -> list[dict]:
+    rows = []
+    for (method, calib, variant), cells in comparison.items():
+        paper_method, paper_calib = paper_row(method, calib, variant)
+        for (split, metric), by_col in cells.items():
+            for col, cell in by_col.items():
+                if cell is None:
+                    continue
+                rows.append({"method": method, "calib": calib, "variant": variant, "paper_method": paper_method,
+                             "paper_calib": paper_calib, "split": split, "metric": metric, "dataset": col,
+                             "datasets": cell.get("datasets", 1), "ours_mean": _num(cell["mean"]),
+                             "ours_std": _num(cell["sd"]), "n_seeds": cell["n"], "published": _num(cell["published"]),
+                             "diff": _num(cell["diff"]), "flag": cell["flag"]})
+    return rows
+
+
+def miscalibration(records: list[dict]) -> dict:
+    """{(method, calib): {split: {dataset: {metric: mean over seeds, "gap": confidence - acc}}}} of the raw
+    logits: the paper's "dual miscalibration" (gap < 0 under-confident, > 0 over-confident) beside the margins
+    its method acts on and the ECE."""
+    obs = _observations(records, True, list(B2N_SPLITS), ANALYSIS_METRICS)
+    means = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))  # (method, calib) -> split -> dataset -> metric
+    for quantity, table in obs.items():
+        split, metric = quantity.split()
+        for (method, calib, variant), runs in table.items():
+            if variant != "raw":
+                continue
+            for col, seeds in runs.items():
+                means[(method, calib)][split][col][metric] = float(np.mean(list(seeds.values())))
+    out = {}
+    for key in sorted(means, key=lambda k: _row_key((*k, "raw"))):
+        out[key] = {}
+        for split in (s for s in B2N_SPLITS if s in means[key]):
+            by_col = means[key][split]
+            out[key][split] = {c: {**by_col[c], "gap": by_col[c]["confidence"] - by_col[c]["acc"]}
+                               for c in _column_order(by_col)}
+    return out
+
+
+def _mean_over(by_col: dict) -> dict:
+    """The mean over the datasets of each analysis quantity."""
+    return {k: float(np.mean([m[k] for m in by_col.values()])) for k in ANALYSIS_COLUMNS}
+
+
+def _miscalibration_md(analysis: dict) -> list[str]:
+    md = ["", "## Dual miscalibration: confidence - accuracy, margins and ECE", "",
+          "Raw logits; each dataset's mean over seeds, then the mean over the datasets. conf - acc below 0 is "
+          "under-confidence, above 0 over-confidence: the paper finds prompt tuning under-confident on base and "
+          "over-confident on novel classes. Margin: the true class's logit minus the runner-up's; its mean and "
+          "std over the test images."]
+    for (method, calib), by_split in analysis.items():
+        md += ["", f"### {method} / {calib}: confidence - accuracy and margins", "",
+               "| split | datasets | over-confident on | acc | confidence | conf - acc | ece | margin mean "
+               "| margin std |", "|" + "---|" * 9]
+        for split, by_col in by_split.items():
+            avg, over = _mean_over(by_col), sum(m["gap"] > 0 for m in by_col.values())
+            md.append(f"| {split} | {len(by_col)} | {over} of {len(by_col)} | "
+                      + " | ".join(f"{avg[k]:.2f}" for k in ANALYSIS_COLUMNS) + " |")
+    return md
+
+
+def _miscalibration_csv(analysis: dict) -> list[dict]:
+    rows = []
+    for (method, calib), by_split in analysis.items():
+        for split, by_col in by_split.items():
+            for col, values in [*by_col.items(), ("average", _mean_over(by_col))]:
+                rows.append({"method": method, "calib": calib, "split": split, "dataset": col,
+                             "datasets": len(by_col) if col == "average" else 1,
+                             **{("conf_minus_acc" if k == "gap" else k): _num(values[k]) for k in ANALYSIS_COLUMNS}})
+    return rows
+
+
+def _miscalibration_figure(path: Path, analysis: dict) -> bool:
+    """Bars of confidence - accuracy per dataset, base and novel classes side by side, calib none against ours,
+    one row of panels per method; False, and nothing written, when no method ran either calibration."""
+    calibs = ("none", "ours")
+    methods = sorted({m for m, c in analysis if c in calibs})
+    if not methods:
+        return False
+    fig = Figure(figsize=(12, 3.4 * len(methods)), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, method in enumerate(methods):
+        for j, split in enumerate(B2N_SPLITS):
+            # base and novel on one scale, so the two miscalibrations compare at a glance
+            ax = fig.add_subplot(len(methods), 2, 2 * i + j + 1, sharey=fig.axes[-1] if j else None)
+            runs = {c: analysis.get((method, c), {}).get(split, {}) for c in calibs}
+            cols = _column_order(col for by_col in runs.values() for col in by_col)
+            x = np.arange(len(cols))
+            for k, calib in enumerate(calibs):
+                gaps = [runs[calib][c]["gap"] if c in runs[calib] else np.nan for c in cols]
+                ax.bar(x + (k - 0.5) * 0.4, gaps, 0.4, label=f"calib {calib}")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_xticks(x, cols, rotation=40, ha="right", fontsize=7)
+            ax.set(title=f"{method}: {split} classes", ylabel="confidence - accuracy (points)")
+            ax.legend(fontsize=7)
+    fig.suptitle("confidence - accuracy per dataset (raw logits, mean over seeds): below 0 under-confident, "
+                 "above 0 over-confident", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def _not_in_paper(records: list[dict], compared: Iterable[tuple]) -> list[str]:
+    """'method / calib (variants)' for our rows that have no published counterpart."""
+    rows = {(r["method"], r["calib"], v) for r in records for s in B2N_SPLITS for v in r["metrics"].get(s, {})}
+    by_run = defaultdict(list)
+    for method, calib, variant in sorted(rows - set(compared), key=_row_key):
+        by_run[(method, calib)].append(variant)
+    return [f"{m} / {c} ({', '.join(v)})" for (m, c), v in by_run.items()]
+
+
+def paper_report(root, write: bool = True) -> tuple[str, bool]:
+    """Our base-to-novel runs below root beside the paper's Tables 1-2 (published/tcpt_tables.csv), and its
+    dual-miscalibration view of them: (Markdown, True), saved when write as root/paper.md, paper.csv (the
+    comparison), paper_analysis.csv and paper_miscalibration.png; or (a one-line note, False), and nothing
+    written, when no run is comparable with the paper (demo runs never are)."""
+    root = Path(root)
+    records, _ = load_results(root)
+    kept, left_out = _paper_records(records)
+    if not kept:
+        if records and all(r.get("demo") for r in records):
+            demo = ", ".join(_column_order({r["dataset"] for r in records}))
+            return (f"--paper: ignored for the demo datasets ({demo}): they are synthetic, and the paper's numbers "
+                    f"are of its 11 real datasets, so there is nothing to compare"), False
+        return (f"--paper: nothing to compare in {root}: no complete {PAPER_SETTING['protocol']} run of the paper's "
+                f"datasets with {PAPER_SETTING['shots']} shots and {PAPER_SETTING['backbone']}"), False
+    published = load_published()
+    comparison = paper_comparison(kept, published)
+    analysis = miscalibration(kept)
+    md = [f"# Our numbers beside the paper's: {root}", "",
+          f"Paper: published/tcpt_tables.csv, Tables 1-2 of Sharifdeen et al., CVPR 2026, as printed in the "
+          f"README of github.com/ashshaksharifdeen/TCPT ({PAPER_SETTING['protocol']}, {PAPER_SETTING['backbone']}, "
+          f"{PAPER_SETTING['shots']} shots; seeds not stated there, the paper says 3). Its ts and dac rows are "
+          f"compared with the ts and dac variants of our calib none runs.",
+          "", "Ours: mean ± sample std (n - 1) over n seeds. Δ = ours - paper. (>2 SE): the paper's number lies "
+              "outside our mean ± 2 std/√n (widened by 0.005, its rounding): more than seed noise. (1 seed): one "
+              "seed, no spread to judge by. -: not run, or not published.",
+          "", f"{len(kept)} result files compared."]
+    md += [f"Left out: {line}." for line in left_out]
+    extra = _not_in_paper(kept, comparison)
+    md += [f"Not in the paper's tables: {'; '.join(extra)}."] if extra else []
+    md += _comparison_md(comparison, published) if comparison else ["", "No run of a row the paper reports."]
+    md += _miscalibration_md(analysis)
+    text = "\n".join(md) + "\n"
+    if write:
+        data.write_atomic(root / "paper.md", text.encode())
+        _write_csv(root / "paper.csv", _comparison_csv(comparison), PAPER_CSV_FIELDS)
+        _write_csv(root / "paper_analysis.csv", _miscalibration_csv(analysis))
+        _miscalibration_figure(root / "paper_miscalibration.png", analysis)
+    return text, True
+
+
 def plan(datasets: list[str], calibs: list[str], protocol: str) -> list[tuple[str, str]]:
     """run.sh's up-front check: [(dataset key, its folder under the data root)], the protocol's default datasets
     when none are given; an unknown dataset, calibration or protocol is a UserError before anything runs."""
@@ -854,6 +1190,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("output_dir")
     s.add_argument("--split", nargs="+", help="metric splits to tabulate (default: base novel, or every target)")
     s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys")
+    s.add_argument("--paper", action="store_true",
+                   help="also set our base-to-novel runs beside the paper's published Tables 1-2 (published/) and "
+                        "write paper.md, paper.csv, paper_analysis.csv, paper_miscalibration.png")
     c = sub.add_parser("plan", help="check run.sh's datasets, calibrations and protocol; print 'key folder' lines")
     c.add_argument("--datasets", default="", help="space-separated dataset keys (default: the protocol's)")
     c.add_argument("--calibs", default="none", help="space-separated calibrations")
@@ -866,12 +1205,18 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(a.output_dir).is_dir():
         parser.error(f"OUTPUT_DIR {a.output_dir} is not a directory")
     text = summarize(a.output_dir, a.split, a.metrics)
-    print(text, end="")
+    paper, compared = paper_report(a.output_dir) if a.paper else ("", False)
+    tables = text + paper if compared else text
+    print(tables, end="")
     # Repeat the overview tables last, where a terminal leaves them in view.
-    blocks = [b for b in text.split("\n### ") if ": overview," in b.split("\n", 1)[0]]
+    blocks = [b for b in tables.split("\n### ") if ": overview," in b.split("\n", 1)[0]]
     if blocks:
         print("\n" + "\n".join("### " + b.split("\n\n###")[0].split("\n## ")[0].rstrip() + "\n" for b in blocks), end="")
-    print(f"\n(tables written to {Path(a.output_dir) / 'summary.md'} and summary.csv)")
+    if paper and not compared:
+        print("\n" + paper)  # the one line saying why there is no comparison
+    written = ("; the comparison with the paper to paper.md, paper.csv, paper_analysis.csv, paper_miscalibration.png"
+               if compared else "")
+    print(f"\n(tables written to {Path(a.output_dir) / 'summary.md'} and summary.csv{written})")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Usage: bash run.sh METHOD [options] [-- extra args passed to every method call]
 
 Runs methods/METHOD.py for every dataset x seed x calibration, each into
   OUTPUT/PROTOCOL/METHOD/CALIB/DATASET/seedSEED/  (log.txt = the run's stdout+stderr, results.json, ...)
-then prints the tables of `python eval.py summarize OUTPUT`. Runs whose results.json says
-"complete": true are skipped, so the same command resumes; incomplete runs (killed, crashed) are redone.
+then prints the tables of `python eval.py summarize OUTPUT` (with --paper for real base-to-novel runs: our
+numbers beside the paper's). Runs whose results.json says "complete": true are skipped, so the same command
+resumes; incomplete runs (killed, crashed) are redone.
 
 Options (or the environment variable on the right; an option wins over the environment):
   --data DIR           DATA      dataset root (default ./data)
@@ -227,9 +228,12 @@ fi
 banner="DEMO WORLD (synthetic data, tiny CLIP): numbers are not the paper's"
 echo
 if ((demo)); then echo "==== $banner ===="; fi
-echo "==== Summary: $PYTHON eval.py summarize $OUTPUT"
+# Real base-to-novel runs are also set beside the paper's published tables; the demo world's are not its datasets.
+summarize=(eval.py summarize "$OUTPUT")
+if ((!demo)) && [[ $PROTOCOL == base2new ]]; then summarize+=(--paper); fi
+echo "==== Summary: $PYTHON ${summarize[*]}"
 sum_rc=0
-"$PYTHON" eval.py summarize "$OUTPUT" || sum_rc=$?
+"$PYTHON" "${summarize[@]}" || sum_rc=$?
 if ((demo)); then echo "==== $banner ===="; fi
 echo
 echo "run.sh: $total runs: $n_done done, $n_skipped skipped (already complete), $n_busy skipped (being run by another process), ${#failed[@]} failed"

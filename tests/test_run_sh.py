@@ -57,7 +57,7 @@ if sys.argv[1] == "plan":
     print("\n".join(f"{k} {folders[k]}" for k in keys))
     sys.exit(0)
 assert sys.argv[1] == "summarize"
-print("SUMMARY", sys.argv[2])
+print("SUMMARY", *sys.argv[2:])
 sys.exit(int(os.environ.get("FAKE_SUMMARY_RC", "0")))
 '''
 # Prints the two lines of the demo contract on stdout (progress on stderr) and creates what they name.
@@ -136,7 +136,7 @@ def test_loops_datasets_seeds_calibs_with_the_right_arguments(proj):
         assert log.read_text() == f"fake training {d} {c} {s}\n"  # the run's output went to its log
     assert p.stdout.rstrip().splitlines()[-1] == ("run.sh: 8 runs: 8 done, 0 skipped (already complete), "
                                                   "0 skipped (being run by another process), 0 failed")
-    assert f"SUMMARY {home / 'out'}\n" in p.stdout
+    assert f"SUMMARY {home / 'out'} --paper\n" in p.stdout  # real base-to-novel runs: beside the paper's tables
 
 
 def test_defaults_from_environment_and_relative_paths(proj):
@@ -169,6 +169,7 @@ def test_xd_protocol_runs_the_source_only(proj):
     assert p.returncode == 0, p.stdout + p.stderr
     assert [c["argv"] for c in calls] == [expected_argv(home, "imagenet", "ours", 1, protocol="xd")]
     assert (run_dir(home, "imagenet", "ours", 1, protocol="xd") / "results.json").exists()
+    assert f"SUMMARY {home / 'out'}\n" in p.stdout  # the paper's tables are base-to-novel: no --paper
 
 
 def test_resume_redoes_incomplete_runs_only(proj):
