@@ -287,9 +287,14 @@ class ArgumentParser(argparse.ArgumentParser):
     states each default once: options whose help text already says its default get no "(default: ...)"."""
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        """Appends "(default: X)" unless the help text already says "default" or there is no default worth
+        stating (None, a flag's False, ""); a default of 0 is stated."""
+
         def _get_help_string(self, action):
             text = action.help or ""
-            if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            unstated = action.default is None or action.default is False or action.default == "" \
+                or action.default is argparse.SUPPRESS
+            if "default" in text or unstated:
                 return text
             return super()._get_help_string(action)
 
@@ -837,7 +842,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("summarize", help="tables of every results.json below OUTPUT_DIR")
     s.add_argument("output_dir")
     s.add_argument("--split", nargs="+", help="metric splits to tabulate (default: base novel, or every target)")
-    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys")
+    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys (default: acc ece)")
     c = sub.add_parser("plan", help="check run.sh's datasets, calibrations and protocol; print 'key folder' lines")
     c.add_argument("--datasets", default="", help="space-separated dataset keys (default: the protocol's)")
     c.add_argument("--calibs", default="none", help="space-separated calibrations")
