@@ -127,6 +127,18 @@ def fit_temperature(logits, labels, t_min: float = 0.01, t_max: float = 100.0, i
     return float(np.exp(-0.5 * (lo + hi)))
 
 
+class Temperature(float):
+    """A fitted temperature (a float) that also carries `fit_n`, the number of validation images it was fitted
+    on, so `write_results` can record both ("temperature", "ts_fit_n") without another return value."""
+
+    fit_n: int | None
+
+    def __new__(cls, value: float, fit_n: int | None = None):
+        self = super().__new__(cls, value)
+        self.fit_n = fit_n
+        return self
+
+
 def _knn_distances(test: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
     """The k smallest Euclidean distances from each normalised test row to the normalised base rows: (C_test, k)."""
     a = torch.nn.functional.normalize(test.detach().cpu().double(), dim=-1)
@@ -264,14 +276,17 @@ def code_version() -> dict:
 def write_results(out_dir, *, method: str, args, metrics: dict, temperature: float | None, timings: dict,
                   extra: dict | None = None) -> Path:
     """Write `out_dir/results.json` atomically with the run's identity (from args), all arguments, the code
-    version, timings, the temperature, metrics ({split: {variant: compute_metrics dict}}) and "complete": true.
+    version, timings, the temperature and "ts_fit_n", the number of validation images it was fitted on (the
+    `fit_n` of a `Temperature`, else None), metrics ({split: {variant: compute_metrics dict}}) and
+    "complete": true.
     demo = args.demo, or a demo dataset (key "demo_*"); `extra` (e.g. {"demo": True}) overrides any field."""
     a = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     dataset = a.get("dataset")
     record = {"method": method, "dataset": dataset, "protocol": a.get("protocol"), "seed": a.get("seed"),
               "shots": a.get("shots"), "calib": a.get("calib", "none"), "backbone": a.get("backbone"),
               "demo": bool(a.get("demo")) or str(dataset).startswith("demo_"), "args": a,
-              "code": code_version(), "timings": timings, "temperature": temperature, "metrics": metrics,
+              "code": code_version(), "timings": timings, "temperature": temperature,
+              "ts_fit_n": getattr(temperature, "fit_n", None), "metrics": metrics,
               "written_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     record.update(extra or {})
     record["complete"] = True
@@ -490,7 +505,8 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     apply ("base"/"novel" splits use the training dataset's). Class lists arrive as tuples, so a method can
     memoise its text features per list with functools.lru_cache (each list is asked for several times).
     `val` = (features, labels) of the few-shot validation split when the method has already encoded it.
-    Temperature scaling is fitted on that split (training classes); DAC compares each test class's K nearest
+    Temperature scaling is fitted on that split (training classes; the returned `Temperature` carries its
+    size as `fit_n`); DAC compares each test class's K nearest
     training classes under the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come
     from the same logits.
     """
@@ -507,7 +523,8 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     with torch.no_grad():
         val_features, val_labels = val if val is not None else predict(encode, loader(train.val), device,
                                                                        "val (temperature)")
-        temperature = fit_temperature(logits_fn(val_features, base_names, dataset).float().cpu(), val_labels)
+        temperature = Temperature(fit_temperature(logits_fn(val_features, base_names, dataset).float().cpu(),
+                                                  val_labels), fit_n=len(val_labels))
         base_tuned = tuned_text_fn(base_names, dataset).float()
         base_zs = text_features(clip_model, data.prompts(dataset, train.classnames, "kgcoop"))
         metrics = {}
