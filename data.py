@@ -13,9 +13,11 @@ Everything that must be identical across methods for a fair comparison lives her
   `random.seed(seed)` followed by module-level `random.sample`, so the draw does not disturb (or depend
   on) the caller's global RNG. It is drawn afresh every run and recorded as JSON (`few_shot_cached`).
 * `subsample_classes` / `base_to_novel`: sorted train labels, base = first ceil(n/2), relabelled 0..k-1.
-* Per-dataset templates (three columns of section 7) and the 80 CLIP ImageNet templates.
-* Section-5 transforms, the evaluation DataLoader, and `TrainImages`: the few-shot training images decoded
-  once and augmented per batch on the training device.
+* Per-dataset templates (three columns, one per method paper that fixed them: CoOp, KgCoOp, ProGrad) and the
+  80 CLIP ImageNet templates; docs/protocol.md tabulates them and says which method uses which column.
+* The transforms (CLIP's test-time preprocessing; CoOp's RandomResizedCrop and flip for training), the
+  evaluation DataLoader, and `TrainImages`: the few-shot training images decoded once and augmented per batch
+  on the training device.
 
 Decisions where the protocol leaves room:
 * ImageNet-A/-R: the 200 wnid folders are relabelled 0..199 in sorted-wnid order (as CoOp does) and
@@ -26,7 +28,8 @@ Decisions where the protocol leaves room:
 * Folder-based readers sort image file names. CoOp used unsorted `os.listdir` for ImageNet, so its
   ImageNet draws depend on the filesystem; sorting makes ours identical on every machine. Hidden files
   are skipped and, at the class-folder level, plain files such as ImageNet-A's README.txt are ignored.
-* ImageNet has no val split: val = test, so its few-shot val draw samples from the test list.
+* ImageNet has no val split: val = test, so its few-shot val draw (what temperature scaling is fitted on)
+  samples from the test list (docs/protocol.md, "The validation split and temperature scaling").
 * Every real dataset must have its published number of classes; a different count means an incomplete
   download or a wrong split file and is an error.
 """

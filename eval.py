@@ -1,11 +1,12 @@
 """Evaluation: calibration metrics, post-hoc calibrators, result files and summary tables.
 
 The metrics follow the calibration literature (ECE with 10 equal-width bins on (0, 1] is the headline number);
-the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024). Every method script evaluates its logits once
-(`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
-`results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
-files into the paper-shaped tables. Plots use matplotlib's object API with the Agg canvas, so no display
-and no global backend switch are needed.
+the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024);
+docs/protocol.md defines each in words. Every method script evaluates its logits once (`predict`), then
+reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes `results.json` atomically
+(`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result files into the paper-shaped
+tables. Plots use matplotlib's object API with the Agg canvas, so no display and no global backend switch are
+needed.
 """
 from __future__ import annotations
 
