@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-HINT = "see README.md section 'Datasets'"
+HINT = "see docs/datasets.md"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "calibrated-prompts", "splits")
@@ -718,7 +718,7 @@ def resize(crop: torch.Tensor, n_px: int, uint8_kernel: bool | None = None) -> t
     uint8_kernel (default: on the CPU) uses torch's uint8 kernel, a port of PIL's fixed-point resampling.
     Otherwise (CUDA has no uint8 bicubic kernel) it runs in float32 as PIL does, horizontal pass first, each
     pass rounded and clamped to 0..255 as PIL stores it; a single 2-D float pass would differ from PIL several
-    times more (README, "Training images on the device").
+    times more (BENCHMARKS.md, "Training images on the device").
     """
     if crop.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
         return F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True)[0].float()
@@ -739,7 +739,7 @@ class TrainImages:
     (B, 3, n_px, n_px) float32 on the device, with no loader workers. Iterating gives one epoch: a fresh
     permutation, batches of `batch_size`, the last incomplete batch dropped when there is at least one full
     batch (as the DataLoader it replaces did). `data.train_transform` is the PIL version of the same
-    augmentation; the README ("Training images on the device") measures how far the pixels differ.
+    augmentation; BENCHMARKS.md ("Training images on the device") measures how far the pixels differ.
     """
 
     def __init__(self, items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device,
@@ -833,8 +833,8 @@ class FeatureViews:
     The views come from `images.augment` in file order; each epoch draws one of the K views per image and
     yields shuffled (features, labels) batches with the same drop_last rule as `TrainImages`, so training runs
     only the text side. A deviation from the protocol (augmentation is limited to K fixed views per image),
-    opt-in for methods whose image encoder is frozen; the README's "Speed" section reports its speed-up and
-    how far the metrics move.
+    opt-in for methods whose image encoder is frozen; BENCHMARKS.md ("The --feature-cache study") measures its
+    speed-up and how far the metrics move.
     """
 
     def __init__(self, images: TrainImages, encode_fn: Callable, views: int, chunk: int = 100):

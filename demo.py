@@ -686,8 +686,9 @@ def machine() -> str:
 
 
 def report(runs: Path | str, root: Path | str | None = None, checkpoint: Path | str | None = None) -> str:
-    """The README's demo tables: zero-shot and the linear probe, then every method x calibration in the run.sh
-    output `runs` (e.g. output/demo) as the range over seeds of base / novel accuracy and ECE."""
+    """The demo tables: zero-shot and the linear probe (the README's), then every method x calibration in the
+    run.sh output `runs` (e.g. output/demo) as the range over seeds of base / novel accuracy and ECE (those of
+    BENCHMARKS.md, "The demo world across seeds and machines")."""
     ckpt, root = checkpoint or backbone(), root or write_datasets()
     zs = {r["dataset"]: r for r in zeroshot(root, ckpt)}
     probe = linear_probe(root, ckpt)
@@ -742,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
     zeroshot_cmd.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear "
                               "probe on the frozen image features (16 shots, seed 1): the ceiling for text-side "
                               "prompt tuning")
-    report_cmd = command("report", "print the README's demo tables from a run.sh output folder")
+    report_cmd = command("report", "print the demo tables (README, BENCHMARKS.md) from a run.sh output folder")
     root_option(report_cmd)
     report_cmd.add_argument("runs", help="run.sh's demo output, e.g. output/demo")
     args = parser.parse_args(argv)
