@@ -13,9 +13,11 @@ Everything that must be identical across methods for a fair comparison lives her
   `random.seed(seed)` followed by module-level `random.sample`, so the draw does not disturb (or depend
   on) the caller's global RNG. It is drawn afresh every run and recorded as JSON (`few_shot_cached`).
 * `subsample_classes` / `base_to_novel`: sorted train labels, base = first ceil(n/2), relabelled 0..k-1.
-* Per-dataset templates (three columns of section 7) and the 80 CLIP ImageNet templates.
-* Section-5 transforms, the evaluation DataLoader, and `TrainImages`: the few-shot training images decoded
-  once and augmented per batch on the training device.
+* Per-dataset templates (three columns, one per method paper that fixed them: CoOp, KgCoOp, ProGrad) and the
+  80 CLIP ImageNet templates; docs/protocol.md tabulates them and says which method uses which column.
+* The transforms (CLIP's test-time preprocessing; CoOp's RandomResizedCrop and flip for training), the
+  evaluation DataLoader, and `TrainImages`: the few-shot training images decoded once and augmented per batch
+  on the training device.
 
 Decisions where the protocol leaves room:
 * ImageNet-A/-R: the 200 wnid folders are relabelled 0..199 in sorted-wnid order (as CoOp does) and
@@ -26,7 +28,8 @@ Decisions where the protocol leaves room:
 * Folder-based readers sort image file names. CoOp used unsorted `os.listdir` for ImageNet, so its
   ImageNet draws depend on the filesystem; sorting makes ours identical on every machine. Hidden files
   are skipped and, at the class-folder level, plain files such as ImageNet-A's README.txt are ignored.
-* ImageNet has no val split: val = test, so its few-shot val draw samples from the test list.
+* ImageNet has no val split: val = test, so its few-shot val draw (what temperature scaling is fitted on)
+  samples from the test list (docs/protocol.md, "The validation split and temperature scaling").
 * Every real dataset must have its published number of classes; a different count means an incomplete
   download or a wrong split file and is an error.
 """
@@ -59,7 +62,7 @@ from tqdm import tqdm
 
 from clip.clip import MEAN as CLIP_MEAN, STD as CLIP_STD  # CLIP's image normalisation
 
-HINT = "see README.md section 'Datasets'"
+HINT = "see docs/datasets.md"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "calibrated-prompts", "splits")
 COLUMNS = ("coop", "kgcoop", "prograd")
 
@@ -738,7 +741,7 @@ def resize(crop: torch.Tensor, n_px: int, uint8_kernel: bool | None = None) -> t
     uint8_kernel (default: on the CPU) uses torch's uint8 kernel, a port of PIL's fixed-point resampling.
     Otherwise (CUDA has no uint8 bicubic kernel) it runs in float32 as PIL does, horizontal pass first, each
     pass rounded and clamped to 0..255 as PIL stores it; a single 2-D float pass would differ from PIL several
-    times more (README, "Training images on the device").
+    times more (BENCHMARKS.md, "Training images on the device").
     """
     if crop.device.type == "cpu" if uint8_kernel is None else uint8_kernel:
         return F.interpolate(crop[None], size=(n_px, n_px), mode="bicubic", antialias=True)[0].float()
@@ -759,7 +762,7 @@ class TrainImages:
     (B, 3, n_px, n_px) float32 on the device, with no loader workers. Iterating gives one epoch: a fresh
     permutation, batches of `batch_size`, the last incomplete batch dropped when there is at least one full
     batch (as the DataLoader it replaces did). `data.train_transform` is the PIL version of the same
-    augmentation; the README ("Training images on the device") measures how far the pixels differ.
+    augmentation; BENCHMARKS.md ("Training images on the device") measures how far the pixels differ.
     """
 
     def __init__(self, items: Sequence[Datum], n_px: int, batch_size: int, device: str | torch.device,
@@ -853,8 +856,8 @@ class FeatureViews:
     The views come from `images.augment` in file order; each epoch draws one of the K views per image and
     yields shuffled (features, labels) batches with the same drop_last rule as `TrainImages`, so training runs
     only the text side. A deviation from the protocol (augmentation is limited to K fixed views per image),
-    opt-in for methods whose image encoder is frozen; the README's "Speed" section reports its speed-up and
-    how far the metrics move.
+    opt-in for methods whose image encoder is frozen; BENCHMARKS.md ("The --feature-cache study") measures its
+    speed-up and how far the metrics move.
     """
 
     def __init__(self, images: TrainImages, encode_fn: Callable, views: int, chunk: int = 100):

@@ -678,8 +678,9 @@ def machine() -> str:
 
 
 def report(runs: Path | str, root: Path | str | None = None, checkpoint: Path | str | None = None) -> str:
-    """The README's demo tables: zero-shot and the linear probe, then every method x calibration in the run.sh
-    output `runs` (e.g. output/demo) as the range over seeds of base / novel accuracy and ECE."""
+    """The demo tables: zero-shot and the linear probe (the README's), then every method x calibration in the
+    run.sh output `runs` (e.g. output/demo) as the range over seeds of base / novel accuracy and ECE (those of
+    BENCHMARKS.md, "The demo world across seeds and machines")."""
     ckpt, root = checkpoint or backbone(), root or write_datasets()
     zs = {r["dataset"]: r for r in zeroshot(root, ckpt)}
     probe = linear_probe(root, ckpt)
@@ -710,25 +711,33 @@ def report(runs: Path | str, root: Path | str | None = None, checkpoint: Path | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    help_format = evaluation.ArgumentParser.Formatter  # each default stated once
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=help_format)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain the tiny CLIP from scratch (minutes) and write it in the shipped "
-                       "form; prints its sha256, for SHIPPED_SHA256")
-    p.add_argument("--steps", type=int, default=STEPS, help=f"training steps (the shipped model: {STEPS})")
-    p.add_argument("--out", default=str(SHIPPED), help="where to write it (default: the shipped file)")
-    for name, text in (("datasets", "write the missing demo datasets; print the data root"),
-                       ("prepare", "unpack the shipped tiny CLIP and write the missing datasets; print "
-                                   "DEMO_ROOT=... and DEMO_BACKBONE=..."),
-                       ("zeroshot", "print the tiny CLIP's zero-shot base/novel accuracy on the demo datasets"),
-                       ("report", "print the README's demo tables from a run.sh output folder")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--root", help=f"data root (default {default_root()})")
-        if name == "zeroshot":
-            p.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear "
-                           "probe on the frozen image features (16 shots, seed 1): the ceiling for text-side "
-                           "prompt tuning")
-        if name == "report":
-            p.add_argument("runs", help="run.sh's demo output, e.g. output/demo")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=help_format)
+
+    def root_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--root", help=f"data root (default: {default_root()})")
+
+    pretrain_cmd = command("pretrain", "pretrain the tiny CLIP from scratch (minutes) and write it in the shipped "
+                           "form; prints its sha256, for SHIPPED_SHA256")
+    pretrain_cmd.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default: {STEPS}, as "
+                              "for the shipped model)")
+    pretrain_cmd.add_argument("--out", default=str(SHIPPED), help="where to write it (default: the shipped file, "
+                              f"{SHIPPED.relative_to(SHIPPED.parent.parent)})")
+    root_option(command("datasets", "write the missing demo datasets; print the data root"))
+    root_option(command("prepare", "unpack the shipped tiny CLIP and write the missing datasets; print "
+                                   "DEMO_ROOT=... and DEMO_BACKBONE=..."))
+    zeroshot_cmd = command("zeroshot", "print the tiny CLIP's zero-shot base/novel accuracy on the demo datasets")
+    root_option(zeroshot_cmd)
+    zeroshot_cmd.add_argument("--probe", action="store_true", help="also print the base-class accuracy of a linear "
+                              "probe on the frozen image features (16 shots, seed 1): the ceiling for text-side "
+                              "prompt tuning")
+    report_cmd = command("report", "print the demo tables (README, BENCHMARKS.md) from a run.sh output folder")
+    root_option(report_cmd)
+    report_cmd.add_argument("runs", help="run.sh's demo output, e.g. output/demo")
     args = parser.parse_args(argv)
     if args.command == "pretrain":
         if args.steps < 1:

@@ -1,12 +1,13 @@
 """Evaluation: calibration metrics, post-hoc calibrators, result files and summary tables.
 
 The metrics follow the calibration literature (ECE with 10 equal-width bins on (0, 1] is the headline number);
-the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024). Every method script evaluates its logits once
-(`predict`), then reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes
-`results.json` atomically (`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result
-files into the paper-shaped tables; with `--paper` it also sets base-to-novel runs beside the paper's
-published numbers (published/tcpt_tables.csv, `paper_report`). Plots use matplotlib's object API with the Agg canvas, so no display
-and no global backend switch are needed.
+the post-hoc calibrators are temperature scaling (Guo et al., ICML 2017) and DAC (Wang et al., ICML 2024);
+docs/protocol.md defines each in words. Every method script evaluates its logits once (`predict`), then
+reports raw, TS and DAC variants of the same logits (`evaluate_split`) and writes `results.json` atomically
+(`write_results`). `python eval.py summarize OUTPUT_DIR` turns a tree of result files into the paper-shaped
+tables; with `--paper` it also sets base-to-novel runs beside the paper's published numbers
+(published/tcpt_tables.csv, `paper_report`). Plots use matplotlib's object API with the Agg canvas, so no
+display and no global backend switch are needed.
 """
 from __future__ import annotations
 
@@ -126,6 +127,18 @@ def fit_temperature(logits, labels, t_min: float = 0.01, t_max: float = 100.0, i
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if slope(mid) < 0 else (lo, mid)
     return float(np.exp(-0.5 * (lo + hi)))
+
+
+class Temperature(float):
+    """A fitted temperature (a float) that also carries `fit_n`, the number of validation images it was fitted
+    on, so `write_results` can record both ("temperature", "ts_fit_n") without another return value."""
+
+    fit_n: int | None
+
+    def __new__(cls, value: float, fit_n: int | None = None):
+        self = super().__new__(cls, value)
+        self.fit_n = fit_n
+        return self
 
 
 def _knn_distances(test: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
@@ -265,14 +278,17 @@ def code_version() -> dict:
 def write_results(out_dir, *, method: str, args, metrics: dict, temperature: float | None, timings: dict,
                   extra: dict | None = None) -> Path:
     """Write `out_dir/results.json` atomically with the run's identity (from args), all arguments, the code
-    version, timings, the temperature, metrics ({split: {variant: compute_metrics dict}}) and "complete": true.
+    version, timings, the temperature and "ts_fit_n", the number of validation images it was fitted on (the
+    `fit_n` of a `Temperature`, else None), metrics ({split: {variant: compute_metrics dict}}) and
+    "complete": true.
     demo = args.demo, or a demo dataset (key "demo_*"); `extra` (e.g. {"demo": True}) overrides any field."""
     a = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
     dataset = a.get("dataset")
     record = {"method": method, "dataset": dataset, "protocol": a.get("protocol"), "seed": a.get("seed"),
               "shots": a.get("shots"), "calib": a.get("calib", "none"), "backbone": a.get("backbone"),
               "demo": bool(a.get("demo")) or str(dataset).startswith("demo_"), "args": a,
-              "code": code_version(), "timings": timings, "temperature": temperature, "metrics": metrics,
+              "code": code_version(), "timings": timings, "temperature": temperature,
+              "ts_fit_n": getattr(temperature, "fit_n", None), "metrics": metrics,
               "written_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     record.update(extra or {})
     record["complete"] = True
@@ -288,9 +304,14 @@ class ArgumentParser(argparse.ArgumentParser):
     states each default once: options whose help text already says its default get no "(default: ...)"."""
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        """Appends "(default: X)" unless the help text already says "default" or there is no default worth
+        stating (None, a flag's False, ""); a default of 0 is stated."""
+
         def _get_help_string(self, action):
             text = action.help or ""
-            if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            unstated = action.default is None or action.default is False or action.default == "" \
+                or action.default is argparse.SUPPRESS
+            if "default" in text or unstated:
                 return text
             return super()._get_help_string(action)
 
@@ -486,7 +507,8 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     apply ("base"/"novel" splits use the training dataset's). Class lists arrive as tuples, so a method can
     memoise its text features per list with functools.lru_cache (each list is asked for several times).
     `val` = (features, labels) of the few-shot validation split when the method has already encoded it.
-    Temperature scaling is fitted on that split (training classes); DAC compares each test class's K nearest
+    Temperature scaling is fitted on that split (training classes; the returned `Temperature` carries its
+    size as `fit_n`); DAC compares each test class's K nearest
     training classes under the tuned and the zero-shot (KgCoOp-template) text features. Raw, TS and DAC come
     from the same logits.
     """
@@ -503,7 +525,8 @@ def evaluate_protocol(train, targets: dict, *, encode_fn: Callable, logits_fn: C
     with torch.no_grad():
         val_features, val_labels = val if val is not None else predict(encode, loader(train.val), device,
                                                                        "val (temperature)")
-        temperature = fit_temperature(logits_fn(val_features, base_names, dataset).float().cpu(), val_labels)
+        temperature = Temperature(fit_temperature(logits_fn(val_features, base_names, dataset).float().cpu(),
+                                                  val_labels), fit_n=len(val_labels))
         base_tuned = tuned_text_fn(base_names, dataset).float()
         base_zs = text_features(clip_model, data.prompts(dataset, train.classnames, "kgcoop"))
         metrics = {}
@@ -1189,7 +1212,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("summarize", help="tables of every results.json below OUTPUT_DIR")
     s.add_argument("output_dir")
     s.add_argument("--split", nargs="+", help="metric splits to tabulate (default: base novel, or every target)")
-    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys")
+    s.add_argument("--metrics", nargs="+", default=["acc", "ece"], help="compute_metrics keys (default: acc ece)")
     s.add_argument("--paper", action="store_true",
                    help="also set our base-to-novel runs beside the paper's published Tables 1-2 (published/) and "
                         "write paper.md, paper.csv, paper_analysis.csv, paper_miscalibration.png")

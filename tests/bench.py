@@ -1016,31 +1016,39 @@ def format_tables(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _help_formatter() -> type:
+    """The module docstring as written, and each option's default stated once (eval.ArgumentParser's rule)."""
+    import eval as evaluation
+
+    return type("Help", (argparse.RawDescriptionHelpFormatter, evaluation.ArgumentParser.Formatter), {})
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_help_formatter())
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=None,
                    help="comma-separated method names (default: every methods/*.py except zeroshot)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
     p.add_argument("--sections", type=lambda s: [x for x in s.split(",") if x],
-                   default=[s for s in SECTIONS if s != "featurecache"], help=f"any of {', '.join(SECTIONS)}")
+                   default=[s for s in SECTIONS if s != "featurecache"],
+                   help=f"comma-separated, any of {', '.join(SECTIONS)} (default: all but featurecache)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per method, after one warm-up step "
-                                                           "(default 20 on CUDA, 3 on the CPU)")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of the demo runs (run.sh's demo default: 20)")
+                                                           "(default: 20 on CUDA, 3 on the CPU)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of the demo runs (run.sh's demo setting)")
     p.add_argument("--classes", type=int, default=None,
                    help="classes of the synthetic dataset; base-to-novel training uses the first half "
-                        "(default 100 on CUDA, 10 on the CPU)")
+                        "(default: 100 on CUDA, 10 on the CPU)")
     p.add_argument("--eval-per-class", type=int, default=4,
                    help="val and test images per class of the synthetic dataset (the few-shot val keeps up to 4)")
     p.add_argument("--data-batches", type=int, default=8, help="timed batches of the data section")
     p.add_argument("--memory-classes", type=int, default=250, help="training classes of the memory section")
     p.add_argument("--micro-classes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 50],
-                   help="class counts of the CoCoOp microbenchmark")
+                   help="comma-separated class counts of the CoCoOp microbenchmark (default: 10,50)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats of the CoCoOp microbenchmark")
     p.add_argument("--fc-method", default="coop", help="method of the featurecache section")
     p.add_argument("--fc-k", type=int, default=4, help="K of the featurecache section")
     p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3],
-                   help="seeds of the featurecache section")
+                   help="comma-separated seeds of the featurecache section (default: 1,2,3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers (default: torch's)")
     p.add_argument("--quick", action="store_true",
                    help="small and short: 10 classes, 2 timed steps, 50 memory classes, 2 demo epochs, 2 repeats")

@@ -1,4 +1,5 @@
 """CoOp and zero-shot CLIP end to end on a tiny CLIP and a tiny EuroSAT-layout dataset."""
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -33,7 +34,15 @@ def check_results(path, method, calib="none"):
         assert results["metrics"][split]["ts"]["acc"] == results["metrics"][split]["raw"]["acc"]
         assert results["metrics"][split]["dac"]["acc"] == results["metrics"][split]["raw"]["acc"]
     assert results["temperature"] > 0 and results["timings"]["total_s"] > 0
+    assert results["ts_fit_n"] == val_split_size(results["args"])  # what temperature scaling was fitted on
     return results
+
+
+def val_split_size(args: dict) -> int:
+    """Images in the run's few-shot validation split of the base classes, drawn again here from the dataset."""
+    full = data.load_dataset(args["dataset"], args["root"])
+    train, val = data.few_shot(full.train, full.val, args["shots"], args["seed"])
+    return len(data.subsample_classes(dataclasses.replace(full, train=train, val=val), "base").val)
 
 
 def test_coop_smoke_run_writes_complete_results(tiny_world, tmp_path):
@@ -43,6 +52,7 @@ def test_coop_smoke_run_writes_complete_results(tiny_world, tmp_path):
     run_dir = tmp_path / "base2new" / "coop" / "ours" / "eurosat" / "seed1"
     results = check_results(run_dir / "results.json", "coop", "ours")
     assert results["args"]["epochs"] == 2 and results["shots"] == 4 and results["seed"] == 1
+    assert results["ts_fit_n"] == 5 * 2  # 5 base classes x their 2 val images (fewer than min(shots, 4) = 4)
     assert "epoch   2/2" in proc.stdout
     # Only the context vectors train, and only they are saved.
     assert "trainable: prompt_learner.ctx (1024 values)" in proc.stdout  # 16 x width 64

@@ -213,7 +213,7 @@ def test_imagenet_a_r_mapping(imagenet_root, key, folder, offset):
 
 # ----------------------------------------------------------------------------- clear errors
 
-README = "README.md section 'Datasets'"
+README = "docs/datasets.md"
 
 
 def test_missing_dataset_folder(tmp_path):

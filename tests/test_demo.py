@@ -179,8 +179,8 @@ def test_prepare_prints_only_shell_assignments(root, checkpoint):
 
 def test_prompt_tuning_runs_and_learns_in_the_demo_world(root, checkpoint, tmp_path):
     """20 epochs of CoOp (run.sh's demo setting) on demo_colours, seeds 1-3, beside zero-shot CLIP. Asserted is
-    only what holds by a margin wider than the spread measured across environments (README, "The demo
-    world"): every run completes, the training loss falls, CoOp stays within MARGIN points of zero-shot on the
+    only what holds by a margin wider than the spread measured across environments (BENCHMARKS.md, "The
+    demo world across seeds and machines"): every run completes, the training loss falls, CoOp stays within MARGIN points of zero-shot on the
     base classes and far above chance on the novel ones. That CoOp beats zero-shot is not asserted: it does
     here by under three points, and a claim about the toy that holds by a point or two is no test."""
     common = ["--dataset", "demo_colours", "--root", str(root), "--backbone", str(checkpoint),
@@ -209,12 +209,13 @@ def test_prompt_tuning_runs_and_learns_in_the_demo_world(root, checkpoint, tmp_p
 
 
 # Points of base accuracy. Measured on the shipped model: CoOp 91.8 (seed mean) against zero-shot 89.0, and
-# the same accuracies to the last digit under three sets of CPU kernels (README, "The demo world").
+# the same accuracies to the last digit under three sets of CPU kernels (BENCHMARKS.md, "The demo world across
+# seeds and machines").
 MARGIN = 3.0
 
 
 def test_report_tables(root, checkpoint, tmp_path):
-    """`python demo.py report` prints the README's tables: zero-shot, the probe, and seed ranges per run group."""
+    """`python demo.py report` prints the demo tables: zero-shot, the probe, and seed ranges per run group."""
     for seed, (acc, ece) in enumerate([(80.0, 5.0), (82.5, 7.5)], 1):
         folder = tmp_path / "base2new" / "coop" / "ours" / "demo_shapes" / f"seed{seed}"
         folder.mkdir(parents=True)

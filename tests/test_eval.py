@@ -220,6 +220,11 @@ def test_write_results_record(tmp_path):
     assert (rec["dataset"], rec["protocol"], rec["seed"], rec["shots"], rec["calib"]) == ("demo_shapes", "b2n", 2, 16, "ours")
     assert rec["args"]["root"] == str(tmp_path) and rec["metrics"]["base"]["raw"]["acc"] == 90.0
     assert rec["n_params"] == 8192 and set(rec["code"]) == {"commit", "dirty"}
+    assert rec["temperature"] == 1.5 and rec["ts_fit_n"] is None  # a plain float carries no fit size
+    ev.write_results(tmp_path / "run", method="coop", args=args, metrics=metrics,
+                     temperature=ev.Temperature(1.5, fit_n=40), timings={})
+    rec = json.loads(path.read_text())
+    assert rec["temperature"] == 1.5 and rec["ts_fit_n"] == 40
 
 
 def test_code_version(monkeypatch):

@@ -1,10 +1,12 @@
-"""Checkable speed claims of issue 9 (the timings themselves are in tests/bench.py, not collected by pytest).
+"""Checkable claims of the README's "Speed" section (the timings themselves come from tests/bench.py, which
+pytest does not collect; BENCHMARKS.md keeps the measurements).
 
 - Evaluation encodes each image once per split per run, for every method script, however many post-hoc
   variants (raw, TS, DAC) are computed from it.
 - --checkpoint-text leaves the gradients unchanged (and really recomputes the text blocks in backward).
 - No operation that synchronises host and device on CUDA runs inside a training step (traced on the CPU).
-- The speed options exist where issue 9 asks for them.
+- The speed options exist where they apply: --checkpoint-text and the decoded-image cache in every method,
+  --feature-cache (off by default) in the methods whose image encoder is frozen.
 - The benchmark's instrumentation still works on the current scripts (a short in-process worker run).
 """
 import os
@@ -24,7 +26,7 @@ from conftest import EUROSAT_CLASSES, ROOT
 from test_coop import load_method
 
 METHODS = sorted(p.stem for p in (ROOT / "methods").glob("*.py") if not p.stem.startswith("_"))
-FROZEN_IMAGE_ENCODER = {"coop", "cocoop", "kgcoop", "prograd", "proda"}  # issue 9: these get --feature-cache
+FROZEN_IMAGE_ENCODER = {"coop", "cocoop", "kgcoop", "prograd", "proda"}  # these have --feature-cache
 
 
 @pytest.fixture
