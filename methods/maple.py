@@ -70,6 +70,7 @@ import clip  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 import losses  # noqa: E402
+from clip.model import VisionTransformer  # noqa: E402
 
 METHOD = "maple"
 
@@ -123,12 +124,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _vit_layers(clip_model) -> int:
     """Layers of the shorter tower; refuses backbones without a ViT (no tokens to prompt)."""
-    visual = clip_model.visual
-    if not all(hasattr(visual, name) for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre",
-                                                  "transformer", "ln_post", "proj")):
-        raise data.UserError(f"MaPLe needs a ViT backbone (its vision prompts are tokens between transformer "
-                             f"layers); this backbone's image encoder is a {type(visual).__name__}")
-    return min(len(clip_model.transformer.resblocks), len(visual.transformer.resblocks))
+    if not isinstance(clip_model.visual, VisionTransformer):
+        raise data.UserError(f"MaPLe prompts the tokens of a ViT image encoder; this backbone's image encoder is a "
+                             f"ResNet ({type(clip_model.visual).__name__}); use a ViT such as ViT-B/16")
+    return min(len(clip_model.transformer.resblocks), len(clip_model.visual.transformer.resblocks))
+
+
+def clipped_depth(depth: int, layers: int) -> int:
+    """A prompt depth within 1..layers: deeper than the towers is clipped with a warning, below 1 is an error."""
+    if depth < 1:
+        raise data.UserError(f"--prompt-depth must be at least 1 (the input prompts), got {depth}")
+    if depth > layers:
+        warnings.warn(f"--prompt-depth {depth} exceeds the {layers} layers of this backbone; clipped to {layers}",
+                      stacklevel=2)
+    return min(depth, layers)
 
 
 class TextEncoder(nn.Module):
@@ -143,18 +152,17 @@ class TextEncoder(nn.Module):
         self.text_projection = clip_model.text_projection
         self.dtype = clip_model.dtype
 
-    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor,
-                compound_prompts_deeper_text) -> torch.Tensor:
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor, deep_prompts=None) -> torch.Tensor:
+        """deep_prompts[str(i)] (n_ctx, D) replaces the hidden states at positions 1..n_ctx before block i
+        (like the official code, without a positional embedding)."""
+        deep_prompts = deep_prompts or {}
         # Prompts are cut after their last end-of-text token (clip.trim), so L can be shorter than the context.
         x = prompts.type(self.dtype) + self.positional_embedding[: prompts.shape[1]].type(self.dtype)  # (C, L, D)
         x = x.permute(1, 0, 2)  # NLD -> LND
         for i, block in enumerate(self.transformer.resblocks):
-            if 1 <= i <= len(compound_prompts_deeper_text):
-                # Layer i's own prompt replaces what the previous layer made of the context tokens (positions
-                # 1..n_ctx, right after SOS); like the official code, it gets no positional embedding.
-                deep = compound_prompts_deeper_text[i - 1]  # (n_ctx, D)
-                deep = deep.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n_ctx, C, D)
-                x = torch.cat([x[:1], deep, x[1 + deep.shape[0]:]], dim=0)  # (L, C, D)
+            if str(i) in deep_prompts:
+                ctx = deep_prompts[str(i)].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n_ctx, C, D)
+                x = torch.cat([x[:1], ctx, x[1 + ctx.shape[0]:]], dim=0)  # (L, C, D): SOS, new prompts, the rest
             # With --checkpoint-text only each block's input is kept; its activations are recomputed in backward.
             x = checkpoint(block, x, use_reentrant=False) if self.checkpoint_blocks and x.requires_grad else block(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
@@ -173,22 +181,19 @@ class ImageEncoder(nn.Module):
         self.visual = clip_model.visual
         self.dtype = clip_model.dtype
 
-    def forward(self, images: torch.Tensor, shared_ctx: torch.Tensor, compound_deeper_prompts) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, shared_ctx: torch.Tensor, deep_prompts) -> torch.Tensor:
+        """shared_ctx (n_ctx, W) is appended to the patch tokens; deep_prompts[str(i)] (n_ctx, W) replaces
+        them before block i."""
         v = self.visual
-        x = v.conv1(images.type(self.dtype))  # (B, W, grid, grid)
-        x = x.flatten(2).permute(0, 2, 1)  # (B, grid**2, W)
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)  # (B, 1 + grid**2, W)
+        x = v.embed(images.type(self.dtype))  # (B, 1 + grid**2, W): class token, patches, positions
         # The prompt tokens go after the positions are added (they have none) and before ln_pre.
         n_ctx = shared_ctx.shape[0]
-        x = torch.cat([x, shared_ctx.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)  # (B, 1 + grid**2 + n_ctx, W)
+        x = torch.cat([x, shared_ctx.type(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)  # (B, N + n_ctx, W)
         x = v.ln_pre(x).permute(1, 0, 2)  # NLD -> LND
         for i, block in enumerate(v.transformer.resblocks):
-            if 1 <= i <= len(compound_deeper_prompts):
-                # Layer i's own vision prompt replaces the previous layer's output at the last n_ctx tokens.
-                deep = compound_deeper_prompts[i - 1].to(x.dtype)  # (n_ctx, W)
-                deep = deep.unsqueeze(1).expand(-1, x.shape[1], -1)  # (n_ctx, B, W)
-                x = torch.cat([x[:-n_ctx], deep], dim=0)  # (1 + grid**2 + n_ctx, B, W)
+            if str(i) in deep_prompts:  # replace the previous layer's prompt outputs by this layer's prompts
+                ctx = deep_prompts[str(i)].type(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)  # (n_ctx, B, W)
+                x = torch.cat([x[:-n_ctx], ctx], dim=0)  # (N + n_ctx, B, W)
             x = block(x)
         return v.ln_post(x[0]) @ v.proj  # class token: (B, W) -> (B, E)
 
@@ -203,19 +208,13 @@ class MultiModalPromptLearner(nn.Module):
         n_layers = _vit_layers(clip_model)
         ctx_dim = clip_model.ln_final.weight.shape[0]  # D_txt
         vis_dim = clip_model.visual.conv1.weight.shape[0]  # D_img
-        n_ctx, depth = args.n_ctx, args.prompt_depth
-        if n_ctx < 1 or depth < 1:
-            raise data.UserError(f"--n-ctx ({n_ctx}) and --prompt-depth ({depth}) must be at least 1")
-        if depth > n_layers:
-            warnings.warn(f"--prompt-depth {depth} exceeds the {n_layers} layers of this backbone; "
-                          f"clipped to {n_layers}", stacklevel=2)
-            depth = n_layers
+        n_ctx, depth = args.n_ctx, clipped_depth(args.prompt_depth, n_layers)
         if args.ctx_init:
             ctx_init = args.ctx_init.replace("_", " ")
             tokens = clip.tokenize(ctx_init, context_length=clip_model.context_length)[0]  # (L,)
-            n_words = int((tokens > 0).sum()) - 2  # BPE tokens between SOS and EOT
-            if n_words < n_ctx:
-                raise data.UserError(f"--ctx-init {args.ctx_init!r} has {n_words} tokens, "
+            n_tokens = int((tokens > 0).sum()) - 2  # BPE tokens between SOS and EOT
+            if n_tokens < n_ctx:
+                raise data.UserError(f"--ctx-init {args.ctx_init!r} has {n_tokens} tokens, "
                                      f"fewer than --n-ctx {n_ctx}")
             with torch.no_grad():
                 embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
@@ -253,13 +252,16 @@ class MultiModalPromptLearner(nn.Module):
         ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)  # (C, n_ctx, D)
         return torch.cat([self.token_prefix.type(ctx.dtype), ctx, self.token_suffix.type(ctx.dtype)], dim=1)  # (C, L, D)
 
-    def vision_prompts(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The vision prompts of the input, (n_ctx, D_img), and of layers 1..depth-1, each (n_ctx, D_img)."""
-        deep = [layer(prompt) for layer, prompt in zip(self.compound_prompt_projections, self.compound_prompts_text)]
+    def deep_text_prompts(self) -> dict[str, torch.Tensor]:
+        """The text prompts of blocks 1..depth-1, keyed by the block they enter, each (n_ctx, D)."""
+        return {str(i): prompt for i, prompt in enumerate(self.compound_prompts_text, start=1)}
+
+    def vision_prompts(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The vision prompts of the input, (n_ctx, D_img), and of blocks 1..depth-1 keyed by the block, each
+        (n_ctx, D_img): every text prompt through its own map."""
+        deep = {str(i): layer(prompt) for i, (layer, prompt) in
+                enumerate(zip(self.compound_prompt_projections, self.compound_prompts_text), start=1)}
         return self.proj(self.ctx), deep
-
-
-PromptLearner = MultiModalPromptLearner  # the name the other method files use
 
 
 class CustomCLIP(nn.Module):
@@ -278,7 +280,7 @@ class CustomCLIP(nn.Module):
 
     def text_features(self) -> torch.Tensor:
         prompts = self.prompt_learner()  # (C, L, D)
-        x = self.text_encoder(prompts, self.prompt_learner.tokenized_prompts, self.prompt_learner.compound_prompts_text)
+        x = self.text_encoder(prompts, self.prompt_learner.tokenized_prompts, self.prompt_learner.deep_text_prompts())
         return F.normalize(x.float(), dim=-1)  # (C, E)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -294,6 +296,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # the frozen encoders' autocast
     run_dir = evaluation.run_dir(args, METHOD)
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
@@ -309,6 +312,7 @@ def main(argv=None) -> None:
         param.requires_grad_(name.startswith("prompt_learner."))
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    logit_scale = model.logit_scale.exp().float()  # CLIP's frozen logit scale, a 0-dim fp32 tensor
     if args.load:
         state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
         if any(k.startswith("prompt_learner.") for k in state):  # an official file: the whole model's state dict
@@ -327,7 +331,6 @@ def main(argv=None) -> None:
                                   int(args.image_cache_gb * 2**30), args.workers)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -342,11 +345,12 @@ def main(argv=None) -> None:
                     with torch.no_grad():  # the frozen, unprompted CLIP's view of the batch, for ZS-Norm / Penalty
                         zs_image = F.normalize(clip_model.encode_image(batch).float(), dim=-1) \
                             if losses.needs_zs_logits(args.calib) else None  # (B, E)
-                logits = model.logit_scale.exp().float() * image_features @ text_features.t()  # (B, C), fp32
-                zs_logits = model.logit_scale.exp().float() * zs_image @ zs_text.t() \
+                logits = logit_scale * image_features @ text_features.t()  # (B, C), fp32
+                zs_logits = logit_scale * zs_image @ zs_text.t() \
                     if losses.needs_zs_logits(args.calib) else None  # (B, C)
-                loss = F.cross_entropy(logits, labels) + losses.calibration(
-                    args.calib, logits, labels, text_features, zs_text, zs_logits, **losses.calibration_kwargs(args))
+                loss = (F.cross_entropy(logits, labels)
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -369,12 +373,12 @@ def main(argv=None) -> None:
     @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
     def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             return model.text_features()  # (C, E), fp32
 
     def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
-        return model.logit_scale.exp().float() * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
+        return logit_scale * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 
     t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(

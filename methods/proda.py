@@ -203,21 +203,21 @@ class PromptLearner(nn.Module):
         tokenized = clip.trim(tokenized).to(self.ctx.device)  # (C, L)
         name_ids = clip.tokenize(names, context_length=clip_model.context_length)  # (C, L): SOS name EOT
         name_lens = ((name_ids > 0).sum(dim=1) - 2).tolist()
-        n, L = self.n_ctx, tokenized.shape[1]
+        L, start = tokenized.shape[1], 1 + self.n_ctx  # start: the class name's first position in the end prompt
         for name, ids, n_len, row in zip(names, name_ids, name_lens, tokenized.cpu()):
-            if not torch.equal(row[1 + n:1 + n + n_len], ids[1:1 + n_len]):  # e.g. a name ending in punctuation
+            if not torch.equal(row[start:start + n_len], ids[1:1 + n_len]):  # e.g. a name ending in punctuation
                 raise data.UserError(f"class name {name!r} tokenises differently inside the prompt; "
                                      f"cannot place it in front of or in the middle of the context")
         embedding = clip_model.token_embedding(tokenized).type(clip_model.dtype)  # (C, L, D)
         # Not persistent: a checkpoint holds only the learned tensors; these are rebuilt from the names.
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # (C, 1, D) SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n:], persistent=False)  # (C, L-1-n_ctx, D) name . EOT
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:], persistent=False)  # (C, L-1-n_ctx, D)
         # The front and middle prompts hold the same tokens as the end prompt "SOS ctx name . EOT pad", in
         # another order (same length, so the EOT position and tokenized_prompts are shared): layout[k, c]
         # lists, for each output position, the position of the end prompt of class c it takes its token from.
-        half, layout = n // 2, []
+        half, layout = self.n_ctx // 2, []
         for n_len in name_lens:
-            ctx, name, rest = list(range(1, 1 + n)), list(range(1 + n, 1 + n + n_len)), list(range(1 + n + n_len, L))
+            ctx, name, rest = list(range(1, start)), list(range(start, start + n_len)), list(range(start + n_len, L))
             front = [0] + name + ctx + rest
             middle = [0] + ctx[:half] + name + ctx[half:] + rest
             layout.append([front, middle, list(range(L))])
@@ -322,6 +322,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # the frozen encoders' autocast
     run_dir = evaluation.run_dir(args, METHOD)
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
@@ -337,6 +338,7 @@ def main(argv=None) -> None:
         param.requires_grad_(name.startswith("prompt_learner."))
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    logit_scale = model.logit_scale.exp().float()  # CLIP's frozen logit scale, a 0-dim fp32 tensor
     if args.load:
         state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
         state = {k: v for k, v in state.items() if not k.endswith(("token_prefix", "token_suffix"))}  # rebuilt
@@ -355,7 +357,6 @@ def main(argv=None) -> None:
             loader = data.FeatureViews(loader, model.image_features, args.feature_cache)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -372,14 +373,14 @@ def main(argv=None) -> None:
                     class_free = model.class_free_features()  # (n_prompt, E), all prompts
                 text_mean = prompt_features.mean(dim=1)  # (C, E), the step's classifier, not renormalised
                 text_features = F.normalize(text_mean, dim=-1)  # (C, E) for --calib
-                scale = model.logit_scale.exp().float()
-                logits = scale * image_features @ text_mean.t() \
-                    + 0.5 * scale ** 2 * gaussian_correction(image_features, prompt_features, labels)  # (B, C), fp32
-                zs_logits = model.logit_scale.exp().float() * image_features @ zs_text.t() \
+                logits = logit_scale * image_features @ text_mean.t() \
+                    + 0.5 * logit_scale ** 2 * gaussian_correction(image_features, prompt_features, labels)  # (B, C), fp32
+                zs_logits = logit_scale * image_features @ zs_text.t() \
                     if losses.needs_zs_logits(args.calib) else None  # (B, C)
-                loss = F.cross_entropy(logits, labels) + args.orth_weight * mean_abs_cosine(class_free) + \
-                    losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
-                                       **losses.calibration_kwargs(args))
+                loss = (F.cross_entropy(logits, labels)
+                        + args.orth_weight * mean_abs_cosine(class_free)  # ProDA's prompt-diversity term
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -401,7 +402,7 @@ def main(argv=None) -> None:
     @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
     def classifier(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             return model.text_features().float()  # (C, E): the mean over all prompts, not renormalised
 
     def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
@@ -409,7 +410,7 @@ def main(argv=None) -> None:
 
     def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
-        return model.logit_scale.exp().float() * features.to(device) @ classifier(classnames, key).t()  # (N, C)
+        return logit_scale * features.to(device) @ classifier(classnames, key).t()  # (N, C)
 
     t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(

@@ -183,15 +183,15 @@ class PromptLearner(nn.Module):
             phrase = template_phrase(data.template(args.dataset, "prograd")) if args.ctx_init == "template" \
                 else args.ctx_init.replace("_", " ")
             tokens = clip.tokenize(phrase, context_length=clip_model.context_length)[0]  # (L,)
-            k = int(tokens.argmax()) - 1  # BPE tokens between SOS and EOT (EOT has the largest id)
-            if k > n_ctx:
-                raise data.UserError(f"--n-ctx {n_ctx} is shorter than the {k} tokens of the initial phrase "
+            n_tokens = int((tokens > 0).sum()) - 2  # BPE tokens between SOS and EOT
+            if n_tokens > n_ctx:
+                raise data.UserError(f"--n-ctx {n_ctx} is shorter than the {n_tokens} tokens of the initial phrase "
                                      f"{phrase!r}; raise --n-ctx or pass a shorter --ctx-init")
             with torch.no_grad():
                 embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
             ctx_vectors = torch.zeros(n_ctx, ctx_dim, device=embedding.device)
-            ctx_vectors[n_ctx - k:] = embedding[1:1 + k].float()  # (k, D) at the end, next to the class name
-            print(f'initial context: {n_ctx - k} zero vectors + "{phrase}" ({k} tokens)')
+            ctx_vectors[n_ctx - n_tokens:] = embedding[1:1 + n_tokens].float()  # (n_tokens, D) next to the class name
+            print(f'initial context: {n_ctx - n_tokens} zero vectors + "{phrase}" ({n_tokens} tokens)')
         else:
             ctx_vectors = torch.empty(n_ctx, ctx_dim)
             nn.init.normal_(ctx_vectors, std=0.02)
@@ -260,6 +260,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # the frozen encoders' autocast
     run_dir = evaluation.run_dir(args, METHOD)
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
@@ -275,6 +276,7 @@ def main(argv=None) -> None:
         param.requires_grad_(name.startswith("prompt_learner."))
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    logit_scale = model.logit_scale.exp().float()  # CLIP's frozen logit scale, a 0-dim fp32 tensor
     if args.load:
         state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
         state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
@@ -297,7 +299,6 @@ def main(argv=None) -> None:
             loader = data.FeatureViews(loader, model.image_features, args.feature_cache)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         for epoch in range(args.epochs):
             lr = args.warmup_lr if epoch == 0 else 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - 1) / args.epochs))
             for group in optimizer.param_groups:
@@ -310,14 +311,15 @@ def main(argv=None) -> None:
                     with torch.no_grad():  # the image encoder is frozen; batch holds features with --feature-cache
                         image_features = batch if args.feature_cache else model.image_features(batch)  # (B, E)
                     text_features = model.text_features()  # (C, E)
-                logits = model.logit_scale.exp().float() * image_features @ text_features.t()  # (B, C), fp32
-                zs_logits = model.logit_scale.exp().float() * image_features @ zs_text.t() \
+                logits = logit_scale * image_features @ text_features.t()  # (B, C), fp32
+                zs_logits = logit_scale * image_features @ zs_text.t() \
                     if losses.needs_zs_logits(args.calib) else None  # (B, C)
-                teacher_logits = model.logit_scale.exp().float() * image_features @ teacher_text.t()  # (B, C), fp32
+                teacher_logits = logit_scale * image_features @ teacher_text.t()  # (B, C), fp32
                 T = args.kd_temperature
                 # The task side: CE (+ the calibration term, which ProGrad keeps aligned with the teacher too).
-                loss = F.cross_entropy(logits, labels) + losses.calibration(
-                    args.calib, logits, labels, text_features, zs_text, zs_logits, **losses.calibration_kwargs(args))
+                loss = (F.cross_entropy(logits, labels)
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
                 # The teacher side: soft-target cross-entropy to the zero-shot predictions (T^2 keeps its scale).
                 loss_kd = F.cross_entropy(logits / T, F.softmax(teacher_logits / T, dim=1)) * T * T
                 # Two backward passes, then per parameter drop the part of g_ce that goes against g_kd.
@@ -344,12 +346,12 @@ def main(argv=None) -> None:
     @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
     def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             return model.text_features()  # (C, E), fp32
 
     def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
-        return model.logit_scale.exp().float() * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
+        return logit_scale * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 
     t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(

@@ -106,8 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (applied to the prompts too)")
     p.add_argument("--n-ctx", type=evaluation.at_least(1), default=4, help="number of text context vectors (ignored with --ctx-init)")
-    p.add_argument("--ctx-init", default="a photo of a", help='initialise the text context from this phrase '
-                                                              '("" = random N(0, 0.02) with --n-ctx vectors)')
+    p.add_argument("--ctx-init", default="a photo of a",
+                   help='initialise the text context from this phrase; "" = --n-ctx random N(0, 0.02) vectors')
     p.add_argument("--n-ctx-vision", type=evaluation.at_least(1), default=4, help="number of vision prompt tokens at every depth")
     p.add_argument("--prompt-depth-text", type=evaluation.at_least(1), default=9,
                    help="text layers that get prompts: 1 = the input only, 9 = the input and layers 1..8 "
@@ -171,7 +171,7 @@ def clipped_depth(depth: int, layers: int, tower: str) -> int:
         raise data.UserError(f"--prompt-depth-{tower} must be at least 1 (the input prompts), got {depth}")
     if depth > layers:
         warnings.warn(f"--prompt-depth-{tower} {depth} exceeds the {layers} layers of the {tower} encoder; "
-                      f"using {layers}", stacklevel=2)
+                      f"clipped to {layers}", stacklevel=2)
     return min(depth, layers)
 
 
@@ -215,10 +215,6 @@ class VLPromptLearner(nn.Module):
         if not isinstance(clip_model.visual, VisionTransformer):
             raise data.UserError(f"PromptSRC prompts the tokens of a ViT image encoder; --backbone {args.backbone} "
                                  f"is a ResNet ({type(clip_model.visual).__name__}); use a ViT such as ViT-B/16")
-        if args.n_ctx_vision < 1 or (not args.ctx_init and args.n_ctx < 1):
-            raise data.UserError(f"--n-ctx-vision ({args.n_ctx_vision}) and --n-ctx ({args.n_ctx}) "
-                                 "must be at least 1")
-        device = clip_model.positional_embedding.device
         ctx_dim = clip_model.ln_final.weight.shape[0]
         vis_dim = clip_model.visual.conv1.weight.shape[0]
         depth_text = clipped_depth(args.prompt_depth_text, len(clip_model.transformer.resblocks), "text")
@@ -228,7 +224,7 @@ class VLPromptLearner(nn.Module):
             tokens = clip.tokenize(ctx_init, context_length=clip_model.context_length)[0]  # (L,)
             n_ctx = int((tokens > 0).sum()) - 2  # BPE tokens between SOS and EOT
             with torch.no_grad():
-                embedding = clip_model.token_embedding(tokens.to(device))  # (L, D)
+                embedding = clip_model.token_embedding(tokens.to(clip_model.positional_embedding.device))  # (L, D)
             ctx_vectors = embedding[1:1 + n_ctx].float()  # (n_ctx, D)
             prompt_prefix = ctx_init
         else:
@@ -236,10 +232,10 @@ class VLPromptLearner(nn.Module):
             ctx_vectors = torch.empty(n_ctx, ctx_dim)
             nn.init.normal_(ctx_vectors, std=0.02)
             prompt_prefix = " ".join(["X"] * n_ctx)
-        self.ctx = nn.Parameter(ctx_vectors.to(device))  # (n_ctx, D), fp32
+        self.ctx = nn.Parameter(ctx_vectors.to(clip_model.positional_embedding.device))  # (n_ctx, D), fp32
 
         def normal(n: int, dim: int) -> nn.Parameter:
-            return nn.Parameter(nn.init.normal_(torch.empty(n, dim, device=device), std=0.02))  # (n, dim), fp32
+            return nn.Parameter(nn.init.normal_(torch.empty(n, dim, device=self.ctx.device), std=0.02))  # (n, dim), fp32
 
         self.VPT = normal(args.n_ctx_vision, vis_dim)  # (n_v, D_img)
         # Keyed by the block the prompt enters (1..depth-1), the index of the official resblocks.<i>.VPT_shallow.
@@ -343,6 +339,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     gpa_weight = None if args.eval_only else gpa_weights(args.epochs, args.gpa_mean, args.gpa_std)  # checked early
     device, amp_dtype = evaluation.pick_device(args.device, args.precision)
+    amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # the frozen encoders' autocast
     run_dir = evaluation.run_dir(args, METHOD)
 
     # Data: the few-shot training split and the test splits of the protocol (all checked before training).
@@ -358,6 +355,7 @@ def main(argv=None) -> None:
         param.requires_grad_(name.startswith("prompt_learner."))
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
     print(f"trainable: {', '.join(trainable)} ({sum(trainable.values())} values)")
+    logit_scale = model.logit_scale.exp().float()  # CLIP's frozen logit scale, a 0-dim fp32 tensor
     if args.load:
         state = evaluation.read_checkpoint(args.load, allow_pickle=args.allow_pickle)
         state = {k: v for k, v in from_official(state).items()
@@ -377,7 +375,6 @@ def main(argv=None) -> None:
                                   int(args.image_cache_gb * 2**30), args.workers)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-        amp = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         # Gaussian prompt aggregation: running sum over epochs of weight * learned tensors, fp32.
         aggregate = {name: torch.zeros_like(p) for name, p in model.prompt_learner.named_parameters()}
         peak = int(np.argmax(gpa_weight))
@@ -397,20 +394,20 @@ def main(argv=None) -> None:
                         zs_image_features = model.zero_shot_image_features(batch)  # (B, E)
                     image_features = model.image_features(batch)  # (B, E), prompted
                     text_features = model.text_features()  # (C, E)
-                logits = model.logit_scale.exp().float() * image_features @ text_features.t()  # (B, C), fp32
+                logits = logit_scale * image_features @ text_features.t()  # (B, C), fp32
                 # PromptSRC's zero-shot teacher: frozen image features against the ensemble text features.
-                ens_logits = model.logit_scale.exp().float() * zs_image_features @ ens_text.t()  # (B, C)
-                zs_logits = model.logit_scale.exp().float() * zs_image_features @ zs_text.t() \
+                ens_logits = logit_scale * zs_image_features @ ens_text.t()  # (B, C)
+                zs_logits = logit_scale * zs_image_features @ zs_text.t() \
                     if losses.needs_zs_logits(args.calib) else None  # (B, C)
                 # CE + L1(text, ensemble) + L1(image, frozen image) + KL(teacher || tuned) summed over B*C
                 # entries and divided by B*C (the official reduction) + the calibration term.
-                loss = F.cross_entropy(logits, labels) \
-                    + args.text_loss_weight * F.l1_loss(text_features, ens_text) \
-                    + args.image_loss_weight * F.l1_loss(image_features, zs_image_features) \
-                    + F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(ens_logits, dim=1), reduction="sum",
-                               log_target=True) / logits.numel() \
-                    + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
-                                         **losses.calibration_kwargs(args))
+                loss = (F.cross_entropy(logits, labels)
+                        + args.text_loss_weight * F.l1_loss(text_features, ens_text)
+                        + args.image_loss_weight * F.l1_loss(image_features, zs_image_features)
+                        + F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(ens_logits, dim=1), reduction="sum",
+                                   log_target=True) / logits.numel()
+                        + losses.calibration(args.calib, logits, labels, text_features, zs_text, zs_logits,
+                                             **losses.calibration_kwargs(args)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -441,12 +438,12 @@ def main(argv=None) -> None:
     @functools.lru_cache(maxsize=None)  # evaluation asks for each class list's features more than once
     def tuned_text_fn(classnames: tuple[str, ...], key: str) -> torch.Tensor:
         model.prompt_learner.set_classnames(classnames, clip_model)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(**amp):
             return model.text_features()  # (C, E), fp32
 
     def logits_fn(features: torch.Tensor, classnames: tuple[str, ...], key: str) -> torch.Tensor:
         # The product runs outside autocast, so evaluation logits are fp32 like the training logits.
-        return model.logit_scale.exp().float() * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
+        return logit_scale * features.to(device) @ tuned_text_fn(classnames, key).t()  # (N, C)
 
     t0 = time.time()
     metrics, temperature = evaluation.evaluate_protocol(

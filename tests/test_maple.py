@@ -151,7 +151,7 @@ def test_depth_is_clipped_with_a_warning_and_resnet_is_refused():
         _model(depth=2, layers=2)
     maple = load_method("maple")
     resnet = CLIP(64, 32, (1, 1, 1, 1), 64, None, 32, 49408, 64, 1, 2)
-    with pytest.raises(data.UserError, match="ViT backbone"):
+    with pytest.raises(data.UserError, match="MaPLe prompts the tokens of a ViT"):
         maple.CustomCLIP(maple.parse_args([]), NAMES, resnet)
     with pytest.raises(data.UserError, match="fewer than --n-ctx"):
         args = maple.parse_args(["--ctx-init", "a", "--prompt-depth", "2"])  # one token for two context vectors
