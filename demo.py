@@ -507,7 +507,7 @@ def unpack(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-class ShippedCheckpointError(RuntimeError):
+class ShippedCheckpointError(data.UserError, RuntimeError):
     """The shipped tiny CLIP is missing or is not the file this demo.py was written for."""
 
 
@@ -711,19 +711,19 @@ def report(runs: Path | str, root: Path | str | None = None, checkpoint: Path | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    help_format = evaluation.ArgumentParser.Formatter  # each default stated once
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=help_format)
+    # The scripts' parser: each default stated once, a command-line error is one `error:` line (exit 2).
+    parser = evaluation.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=text, description=text, formatter_class=help_format)
+        return sub.add_parser(name, help=text, description=text)
 
     def root_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--root", help=f"data root (default: {default_root()})")
 
     pretrain_cmd = command("pretrain", "pretrain the tiny CLIP from scratch (minutes) and write it in the shipped "
                            "form; prints its sha256, for SHIPPED_SHA256")
-    pretrain_cmd.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default: {STEPS}, as "
+    pretrain_cmd.add_argument("--steps", type=evaluation.at_least(1), default=STEPS, help=f"training steps (default: {STEPS}, as "
                               "for the shipped model)")
     pretrain_cmd.add_argument("--out", default=str(SHIPPED), help="where to write it (default: the shipped file, "
                               f"{SHIPPED.relative_to(SHIPPED.parent.parent)})")
@@ -740,36 +740,32 @@ def main(argv: list[str] | None = None) -> None:
     report_cmd.add_argument("runs", help="run.sh's demo output, e.g. output/demo")
     args = parser.parse_args(argv)
     if args.command == "pretrain":
-        if args.steps < 1:
-            parser.exit(2, f"error: --steps must be at least 1, got {args.steps}\n")
         state = pretrain(steps=args.steps)
         save_state(pack(state), args.out)
         print(f"weights sha256 {state_sha256(state)}")
         raw = Path(args.out).read_bytes()
         print(f"wrote {args.out} ({len(raw)} bytes), sha256 {hashlib.sha256(raw).hexdigest()}")
         return
-    try:
-        if args.command == "datasets":
-            print(write_datasets(args.root))
-        elif args.command == "prepare":  # stdout is for `eval "$(python demo.py prepare)"`; progress goes to stderr
-            ckpt, root = backbone(), write_datasets(args.root)
-            print(f"DEMO_ROOT={shlex.quote(str(root))}\nDEMO_BACKBONE={shlex.quote(str(ckpt))}")
-        elif args.command == "report":
-            if not Path(args.runs).is_dir():
-                parser.exit(1, f"error: no folder {args.runs}, the run.sh output to report on; run `bash run.sh "
-                               "coop` first (with no data it runs the demo world into output/demo)\n")
-            print(report(args.runs, args.root))
-        else:
-            ckpt, root = backbone(), write_datasets(args.root)
-            print(f"zero-shot accuracy (%), template {data.template(next(iter(DEMO)))!r}, checkpoint {ckpt}, "
-                  f"data {root}")
-            print(format_zeroshot(zeroshot(root, ckpt)))
-            if args.probe:
-                probe = linear_probe(root, ckpt)
-                print("linear probe, base test accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
-    except ShippedCheckpointError as e:
-        parser.exit(1, f"error: {e}\n")
+    if args.command == "datasets":
+        print(write_datasets(args.root))
+    elif args.command == "prepare":  # stdout is for `eval "$(python demo.py prepare)"`; progress goes to stderr
+        ckpt, root = backbone(), write_datasets(args.root)
+        print(f"DEMO_ROOT={shlex.quote(str(root))}\nDEMO_BACKBONE={shlex.quote(str(ckpt))}")
+    elif args.command == "report":
+        if not Path(args.runs).is_dir():
+            raise data.UserError(f"no folder {args.runs}, the run.sh output to report on; run `bash run.sh coop` "
+                                 "first (with no data it runs the demo world into output/demo)")
+        print(report(args.runs, args.root))
+    else:
+        ckpt, root = backbone(), write_datasets(args.root)
+        print(f"zero-shot accuracy (%), template {data.template(next(iter(DEMO)))!r}, checkpoint {ckpt}, "
+              f"data {root}")
+        print(format_zeroshot(zeroshot(root, ckpt)))
+        if args.probe:
+            probe = linear_probe(root, ckpt)
+            print("linear probe, base test accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in probe.items()))
 
 
 if __name__ == "__main__":
-    main()
+    with evaluation.user_errors():
+        main()

@@ -18,6 +18,7 @@ from PIL import Image
 
 import clip
 import demo
+import eval as evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_the_shipped_checkpoint(tmp_path, monkeypatch, capsys):
         demo.read_shipped(damaged)
     monkeypatch.setenv("CP_DEMO_DIR", str(tmp_path / "cache2"))  # no unpacked copy yet
     monkeypatch.setattr(demo, "SHIPPED", tmp_path / "missing.pt")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, evaluation.user_errors():  # as `python demo.py prepare` runs it
         demo.main(["prepare"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("error: cannot read the demo's tiny CLIP") and "missing.pt" in err

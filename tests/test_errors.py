@@ -234,6 +234,18 @@ def test_subprocess_user_errors_end_with_one_line(world):
     assert_no_run_left(out)
 
 
+def test_demo_and_eval_user_errors_end_with_one_line(tmp_path):
+    for script, args, status, expected in (
+            ("demo.py", ["report", str(tmp_path / "nope")], 1, "no folder"),
+            ("demo.py", ["pretrain", "--steps", "0"], 2, "argument --steps"),
+            ("eval.py", ["summarize", str(tmp_path / "nope")], 2, "is not a directory"),
+            ("eval.py", ["plan", "--datasets", "demo_shapez"], 1, "unknown dataset(s) demo_shapez")):
+        p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == status and "Traceback" not in p.stderr, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], p.stderr
+
+
 def _run_sh(out: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("DATA", "DATASETS", "SEEDS", "CALIBS", "EPOCHS")}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
