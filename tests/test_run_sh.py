@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import data
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Records its arguments (one JSON line per call in $FAKE_CALLS), then writes RUN_DIR/results.json
@@ -291,6 +293,9 @@ def test_help_and_usage_errors(proj):
                  "--protocol", "--dry-run", "--no-demo", "DATA", "DATASETS", "SEEDS", "CALIBS", "SHOTS", "BACKBONE",
                  "OUTPUT", "EPOCHS", "PYTHON", "DEMO_EPOCHS", "parallel", "SLURM_ARRAY_TASK_ID"):
         assert word in p.stdout, word
+    # The default dataset list in the usage text is data.py's (the one source run.sh's checks use).
+    listed = p.stdout.split("base-to-novel datasets", 1)[1].split(";", 1)[0].split()
+    assert listed == list(data.BASE_TO_NOVEL)
     p, calls = run(proj, "nosuch")
     assert p.returncode == 2 and calls == []
     assert "methods/nosuch.py" in p.stderr and "available: fake other" in p.stderr
