@@ -282,11 +282,10 @@ def main(argv=None) -> None:
         state = {k: v for k, v in state.items() if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
         evaluation.load_prompt_state(model.prompt_learner, state, args.load)
 
-    # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
-    zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
-
     train_time = 0.0
     if not args.eval_only:
+        # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
+        zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
         # The teacher (training only): frozen zero-shot CLIP with the ProGrad template, text features in fp32,
         # computed once.
         teacher_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "prograd"),

@@ -362,11 +362,10 @@ def main(argv=None) -> None:
                  if k not in ("token_prefix", "token_suffix")}  # rebuilt, not loaded
         evaluation.load_prompt_state(model.prompt_learner, state, args.load)
 
-    # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
-    zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
-
     train_time = 0.0
     if not args.eval_only:
+        # Frozen zero-shot text features W0 of the training classes (CoOp template), computed once.
+        zs_text = evaluation.text_features(clip_model, data.prompts(args.dataset, train.classnames, "coop"))  # (C, E)
         t0 = time.time()  # training time includes decoding the images
         # PromptSRC's text target: the template-ensemble features of the training classes, computed once.
         ens_text = ensemble_text_features(clip_model, train.classnames, ENSEMBLES[args.ensemble_templates])  # (C, E)

@@ -180,7 +180,13 @@ def test_official_checkpoint_after_training_loads_safely_and_gives_the_logits_of
         torch.load(path, weights_only=True)  # the pickled scheduler and optimizer: not a weights-only file
 
     argv = [*COMMON, "--root", str(root), "--backbone", str(ckpt), "--eval-only", "--load", str(path), *options]
+    text_calls, text_features = [], evaluation.text_features
+    monkeypatch.setattr(evaluation, "text_features", lambda *a, **k: text_calls.append(a[1][:1]) or text_features(*a, **k))
     through_load = evaluation_logits(monkeypatch, module, [*argv, "--output", str(tmp_path / "loaded")])
+    # Evaluation only (its own text features are skipped here): no training target (zero-shot W0, KgCoOp's w0,
+    # ProGrad's teacher, PromptSRC's ensemble) is computed.
+    assert text_calls == []
+    monkeypatch.setattr(evaluation, "text_features", text_features)
 
     # The same tensors straight into the model: no reader, no renaming, a strict load_state_dict.
     monkeypatch.setattr(evaluation, "read_checkpoint", lambda path, allow_pickle=False: dict(learned))
