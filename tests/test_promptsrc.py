@@ -184,6 +184,9 @@ def test_the_original_template_set_is_the_official_60_of_the_80():
     assert t60[0] == "a photo of a {}." and t80.index(t60[0]) == 39
     positions = [t80.index(t) for t in t60[1:]]
     assert positions == sorted(positions)  # the other 59 keep the 80's order
+    # Both ends as the official trainer lists them.
+    assert t60[:3] == ["a photo of a {}.", "a bad photo of a {}.", "a photo of many {}."]
+    assert t60[-3:] == ["a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}."]
     assert psrc.ENSEMBLES == {"imagenet80": t80, "promptsrc60": t60}
 
 
