@@ -470,11 +470,10 @@ def pretrain(seed: int = 0, steps: int = STEPS, log=None) -> dict[str, torch.Ten
 
 
 def save_state(state: dict, path: Path | str) -> None:
-    """torch.save, atomically (data.write_atomic), with the same bytes for the same state: saved through a file
-    object, torch names the archive inside the zip "archive", not after the file."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data.write_atomic(path, buffer.getvalue())
+    """The shipped form, written like a prompt checkpoint (`eval.save_prompt`: atomically, through a file
+    object, so torch names the archive inside the zip "archive", not after the file: the same bytes for the
+    same state)."""
+    evaluation.save_prompt(state, path)
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:

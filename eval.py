@@ -23,7 +23,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import types
 from collections import defaultdict
 from pathlib import Path
@@ -659,12 +658,8 @@ def load_results(root) -> tuple[list[dict], list[tuple[Path, str]]]:
 
 
 def _column_order(names: Iterable[str]) -> list[str]:
-    """The paper's dataset order when data.py provides it, then the rest alphabetically."""
-    try:
-        import data
-        known = [*data.BASE_TO_NOVEL, *data.DG_TARGETS, *data.XD_TARGETS, *data.DEMO_DATASETS]
-    except Exception:  # ordering only: summaries must not depend on data.py importing
-        known = []
+    """The paper's dataset order (data.py's lists), then the rest alphabetically."""
+    known = [*data.BASE_TO_NOVEL, *data.DG_TARGETS, *data.XD_TARGETS, *data.DEMO_DATASETS]
     rank = {k: i for i, k in enumerate(dict.fromkeys(known))}
     return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
 

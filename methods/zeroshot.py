@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import clip  # noqa: E402
 import data  # noqa: E402
 import eval as evaluation  # noqa: E402
 

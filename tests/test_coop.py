@@ -3,7 +3,6 @@ import dataclasses
 import importlib.util
 import json
 import pickle
-import types
 
 import pytest
 import torch

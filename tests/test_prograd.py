@@ -1,5 +1,4 @@
 """ProGrad on a tiny CLIP: end-to-end run and reload, the gradient projection, the template initialisation."""
-import argparse
 import json
 
 import pytest

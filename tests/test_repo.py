@@ -225,7 +225,7 @@ FAKE_DOCS = {"README.md": "# Tool\n\n## Datasets\n\n```\n# not a heading\n```\n\
 
 
 @pytest.mark.parametrize("text", [
-    "see REFERENCE.md", "details in docs/nothing.md", "as notes/recipe.md says", "from ../shared/table.md",
+    "see NOTES.md", "details in docs/nothing.md", "as notes/recipe.md says", "from ../elsewhere/table.md",
     "run `methods/kgcoop.py`", "the weights in assets/other.pt", "python tests/test_y.py", "see notes.py",
     "see README.md section 'Outputs'", 'README\'s "Not here" section', "[link](docs/nothing.md)",
     "[link](docs/protocol.md#no-such-heading)", "[link](#not-a-heading)", "(README, \"Not a heading\")",
